@@ -1,0 +1,217 @@
+"""The forward batch: segments of any number of sequences, as tensors the layers and kernels read.
+
+Letters: T = tokens in the batch, N = segments (one per sequence), B = segments in a group,
+L = longest segment of a group, S = state slots in the pool.
+
+Segments are ordered single-token first (decodes), then multi-token (prefill chunks), like vLLM:
+the two groups take the recurrent and the chunked form of the delta rule. Nothing here is cached
+across steps: a new batch is built every step, and slots are data in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class BatchError(ValueError):
+    """A batch that cannot be decomposed into one contiguous segment per sequence."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    token_ids: list[int]
+    start_pos: int  # position of the first token; 0 resets the slot's recurrent state
+    slot: int
+    num_logits: int = 1  # logits wanted for this many trailing tokens (0 = none, len = all)
+
+
+@dataclass
+class SegmentGroup:
+    """Consecutive segments laid out padded: `pad_index[b, i]` is the token row of position i of segment b."""
+
+    tokens: slice  # rows of the batch these segments cover
+    slots: torch.Tensor  # [B]
+    reset: torch.Tensor  # [B] bool
+    start_pos: torch.Tensor  # [B]
+    lens: torch.Tensor  # [B]
+    pad_index: torch.Tensor  # [B, L] row into the group's tokens, padding points at row `num_tokens`
+    valid: torch.Tensor  # [B, L] bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.stop - self.tokens.start
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """[T_group, ...] -> [B, L, ...] with zeros in padding."""
+        x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+        return x[self.pad_index]
+
+    def from_padded(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] -> [T_group, ...]"""
+        return y[self.valid]
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    token_slots: torch.Tensor  # [T] slot of each token (KV cache row)
+    token_segment: torch.Tensor  # [T] segment index of each token
+    cu_seqlens: torch.Tensor  # [N + 1]
+    slots: torch.Tensor  # [N]
+    reset: torch.Tensor  # [N] bool
+    lens: list[int]
+    start_pos: list[int]
+    groups: list[SegmentGroup]  # decode group (all length 1) then prefill group; empty ones left out
+    logits_index: torch.Tensor  # [R] token rows whose logits are wanted
+    logits_split: list[int]  # how many of those rows belong to each segment, in segment order
+    order: list[int]  # order[j] = index in the caller's list of the j-th segment here
+    _conv_index: dict = field(default_factory=dict)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.lens)
+
+    @property
+    def single_slot(self) -> int | None:
+        """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
+        return int(self.slots[0]) if len(self.lens) == 1 else None
+
+    def conv_index(self, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather indices for a causal conv of width K over all segments at once.
+
+        The conv input of segment s is its K-1 window rows followed by its tokens. Windows of all
+        segments are stacked first ([N*(K-1), C]), then the batch's tokens ([T, C]).
+        Returns tap_index [T, K] (rows feeding each output) and window_index [N, K-1] (rows that
+        form each segment's next window).
+        """
+        if kernel not in self._conv_index:
+            w = kernel - 1
+            n = self.num_segments
+            dev = self.cu_seqlens.device
+            t = torch.arange(len(self.positions), device=dev)
+            local = t - self.cu_seqlens[self.token_segment]  # [T]
+            p = local[:, None] + torch.arange(kernel, device=dev)  # [T, K] position in the segment's input
+            seg = self.token_segment[:, None]
+            taps = torch.where(p < w, seg * w + p, n * w + t[:, None] + p - local[:, None] - w)
+            lens = torch.tensor(self.lens, device=dev)
+            q = lens[:, None] + torch.arange(w, device=dev)  # [N, K-1]
+            s = torch.arange(n, device=dev)[:, None]
+            window = torch.where(q < w, s * w + q, n * w + self.cu_seqlens[:-1, None] + q - w)
+            self._conv_index[kernel] = (taps, window)
+        return self._conv_index[kernel]
+
+    def split_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
+        """Rows of `logits` ([R, V]) per segment, in the caller's original segment order."""
+        parts = torch.split(logits, self.logits_split)
+        out: list[torch.Tensor] = [None] * len(parts)  # type: ignore[list-item]
+        for j, part in enumerate(parts):
+            out[self.order[j]] = part
+        return out
+
+
+def build_batch(segments: list[Segment], num_slots: int, device: torch.device | str = "cpu") -> ForwardBatch:
+    """Lay out segments as one batch: decodes first, then multi-token segments."""
+    if not segments:
+        raise BatchError("empty batch")
+    seen: set[int] = set()
+    for s in segments:
+        if not s.token_ids:
+            raise BatchError(f"segment for slot {s.slot} has no tokens")
+        if not 0 <= s.slot < num_slots:
+            raise BatchError(f"slot {s.slot} out of range [0, {num_slots})")
+        if s.slot in seen:
+            raise BatchError(f"slot {s.slot} appears in two segments of one batch")
+        if s.start_pos < 0:
+            raise BatchError(f"negative start position {s.start_pos} for slot {s.slot}")
+        if not 0 <= s.num_logits <= len(s.token_ids):
+            raise BatchError(f"num_logits {s.num_logits} outside [0, {len(s.token_ids)}] for slot {s.slot}")
+        seen.add(s.slot)
+
+    order = sorted(range(len(segments)), key=lambda i: len(segments[i].token_ids) > 1)  # stable
+    segs = [segments[i] for i in order]
+    lens = [len(s.token_ids) for s in segs]
+    starts = [s.start_pos for s in segs]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    ids, pos, seg_of, logit_rows = [], [], [], []
+    for j, s in enumerate(segs):
+        ids += s.token_ids
+        pos += range(s.start_pos, s.start_pos + lens[j])
+        seg_of += [j] * lens[j]
+        logit_rows += range(cu[j + 1] - s.num_logits, cu[j + 1])
+
+    def tensor(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    slots = tensor([s.slot for s in segs])
+    reset = tensor([s.start_pos == 0 for s in segs], torch.bool)
+    num_decode = sum(1 for n in lens if n == 1)
+    groups = []
+    for lo, hi in ((0, num_decode), (num_decode, len(segs))):
+        if lo == hi:
+            continue
+        g_lens = lens[lo:hi]
+        width = max(g_lens)
+        local = torch.arange(width, device=device)[None, :]
+        g_len_t = tensor(g_lens)
+        valid = local < g_len_t[:, None]
+        rows = tensor(cu[lo:hi])[:, None] - cu[lo] + local
+        n_tok = cu[hi] - cu[lo]
+        groups.append(SegmentGroup(
+            tokens=slice(cu[lo], cu[hi]),
+            slots=slots[lo:hi],
+            reset=reset[lo:hi],
+            start_pos=tensor(starts[lo:hi]),
+            lens=g_len_t,
+            pad_index=torch.where(valid, rows, n_tok),
+            valid=valid,
+        ))
+    return ForwardBatch(
+        input_ids=tensor(ids),
+        positions=tensor(pos),
+        token_slots=slots[tensor(seg_of)],
+        token_segment=tensor(seg_of),
+        cu_seqlens=tensor(cu),
+        slots=slots,
+        reset=reset,
+        lens=lens,
+        start_pos=starts,
+        groups=groups,
+        logits_index=tensor(logit_rows),
+        logits_split=[s.num_logits for s in segs],
+        order=order,
+    )
+
+
+def decompose_tokens(
+    token_ids: list[int], positions: list[int], seq_ids: list[int]
+) -> tuple[list[tuple[int, int, list[int]]], list[int]]:
+    """Regroup tokens handed over interleaved (llama.cpp style) into one segment per sequence.
+
+    Returns (segments as (seq_id, start_pos, token_ids) in order of first appearance, and for each
+    input token its row in the regrouped order). Positions must increase by exactly one within a
+    sequence; anything else is rejected rather than run one token at a time.
+    """
+    if not (len(token_ids) == len(positions) == len(seq_ids)):
+        raise BatchError("token_ids, positions and seq_ids differ in length")
+    by_seq: dict[int, list[int]] = {}
+    for i, sid in enumerate(seq_ids):
+        by_seq.setdefault(sid, []).append(i)
+    segments, row_of = [], [0] * len(token_ids)
+    row = 0
+    for sid, idx in by_seq.items():
+        for a, b in zip(idx, idx[1:]):
+            if positions[b] != positions[a] + 1:
+                raise BatchError(
+                    f"sequence {sid}: position {positions[b]} follows {positions[a]} "
+                    "(positions must increase by one within a sequence)"
+                )
+        for i in idx:
+            row_of[i] = row
+            row += 1
+        segments.append((sid, positions[idx[0]], [token_ids[i] for i in idx]))
+    return segments, row_of

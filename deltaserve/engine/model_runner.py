@@ -1,0 +1,36 @@
+"""The only place that turns segments into tensors and runs the model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache.state_cache import HybridCache
+from ..layers.model import HybridModel
+from .batch import BatchError, Segment, build_batch, decompose_tokens
+
+
+class ModelRunner:
+    def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+
+    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order."""
+        for s in segments:
+            if s.start_pos + len(s.token_ids) > self.cache.max_model_len:
+                raise BatchError(f"slot {s.slot}: positions up to {s.start_pos + len(s.token_ids)} exceed "
+                                 f"max_model_len {self.cache.max_model_len}")
+            if s.slot >= self.cache.max_num_seqs:
+                raise BatchError(f"slot {s.slot} has no KV row (max_num_seqs {self.cache.max_num_seqs})")
+        batch = build_batch(segments, self.cache.max_num_seqs, self.device)
+        hidden = self.model(batch, self.cache)
+        return batch.split_logits(self.model.logits(hidden[batch.logits_index]))
+
+    def run_tokens(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """llama.cpp-style batch: token i of the sequence in `slots[i]` at `positions[i]`, in any interleaving.
+
+        Regroups the tokens into one segment per sequence, runs them in one step and returns the
+        logits of every token ([T, V]) in the order given.
+        """
+        grouped, row_of = decompose_tokens(token_ids, positions, slots)
+        logits = torch.cat(self.run([Segment(ids, start, slot, len(ids)) for slot, start, ids in grouped]))
+        return logits[row_of]

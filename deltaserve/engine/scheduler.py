@@ -1,0 +1,64 @@
+"""Continuous batching as plain Python: which sequences run this step, and with how many tokens.
+
+Every step: decodes first (one token each, least recently served first), then prefill chunks of
+running sequences, then new sequences while a slot is free, all within a token budget. A sequence
+keeps its slot from admission to finish, so nothing is ever preempted or recomputed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..cache.slot_table import SlotTable
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, slots: SlotTable, max_num_batched_tokens: int):
+        if max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        self.slots = slots
+        self.budget = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.step_no = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Returns (sequence, number of tokens) for this step, at most one entry per sequence."""
+        self.step_no += 1
+        budget = self.budget
+        plan: list[tuple[Sequence, int]] = []
+        decoding = sorted((s for s in self.running if not s.in_prefill), key=lambda s: s.last_step)
+        for seq in decoding[:budget]:
+            plan.append((seq, 1))
+        budget -= len(plan)
+        for seq in self.running:
+            if budget and seq.in_prefill:
+                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+                plan.append((seq, n))
+                budget -= n
+        while budget and self.waiting and self.slots.available:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.slots.allocate(), Status.RUNNING
+            self.running.append(seq)
+            n = min(len(seq.prompt_ids), budget)
+            plan.append((seq, n))
+            budget -= n
+        for seq, _ in plan:
+            seq.last_step = self.step_no
+        return plan
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (finished or aborted) and frees its slot for the next one."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.slots.free(seq.slot)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason, seq.slot = Status.FINISHED, reason, None

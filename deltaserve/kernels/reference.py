@@ -1,0 +1,178 @@
+"""Torch reference kernels (CPU, and the oracle for GPU kernels).
+
+Letters: T = tokens, B = segments in a group, L = padded segment length, S = pool slots,
+C = conv channels, K = conv width, H = heads (V heads for the delta rule), Dk/Dv = head dims.
+
+Every kernel reads each segment's initial state from its slot (zero when the segment resets)
+and writes the final state back to that slot. With one sequence in the batch the slot is used
+through a view of the pool, so nothing is gathered or scattered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.batch import ForwardBatch, SegmentGroup
+
+CHUNK = 64  # chunk length of the chunked delta rule
+
+
+# ---------------------------------------------------------------- causal conv ----
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over every segment, continuing each slot's window.
+
+    x [T, C], weight [C, K], pool [S, K-1, C] (updated in place). Returns [T, C].
+    """
+    w = weight.shape[1] - 1
+    slot = batch.single_slot
+    if slot is not None:
+        window = pool[slot]  # [K-1, C] view
+        if batch.reset[0]:
+            window.zero_()
+        ext = torch.cat([window, x])  # [K-1+T, C]
+        out = F.conv1d(ext.t()[None], weight[:, None, :], groups=weight.shape[0])[0].t()
+        window.copy_(ext[-w:])
+        return F.silu(out)
+    init = pool[batch.slots] * ~batch.reset[:, None, None]  # [N, K-1, C]
+    ext = torch.cat([init.reshape(-1, x.shape[1]), x])  # [N*(K-1) + T, C]
+    taps, windows = batch.conv_index(weight.shape[1])
+    out = torch.einsum("tkc,ck->tc", ext[taps], weight)
+    pool.index_copy_(0, batch.slots, ext[windows])
+    return F.silu(out)
+
+
+# ------------------------------------------------------------ gated delta rule ----
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    pool: torch.Tensor, batch: ForwardBatch,
+) -> torch.Tensor:
+    """Gated delta rule over all segments, states read from and written to their slots.
+
+    q, k [T, Hk, Dk]; v [T, H, Dv]; g (log decay <= 0), beta [T, H]; pool [S, H, Dk, Dv] float32.
+    q and k are L2-normalised here and q scaled by 1/sqrt(Dk). Returns [T, H, Dv] float32.
+    """
+    rep = v.shape[1] // k.shape[1]  # V heads served by each QK head
+    q = l2norm(q.float()).repeat_interleave(rep, dim=1) * q.shape[-1] ** -0.5
+    k = l2norm(k.float()).repeat_interleave(rep, dim=1)
+    v, g, beta = v.float(), g.float(), beta.float()
+    out = torch.empty_like(v)
+    slot = batch.single_slot
+    for grp in batch.groups:
+        rows = grp.tokens
+        if slot is not None:
+            state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view: updated in place
+            if batch.reset[0]:
+                state.zero_()
+        else:
+            state = pool[grp.slots] * ~grp.reset[:, None, None, None]  # gathered copy
+        if grp.pad_index.shape[1] == 1:  # decode group: one token per segment
+            out[rows] = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], state)
+        else:
+            padded = [grp.to_padded(t[rows]) for t in (q, k, v, g, beta)]
+            out[rows] = grp.from_padded(chunked(*padded, state))
+        if slot is None:
+            pool.index_copy_(0, grp.slots, state)
+    return out
+
+
+def recurrent_step(q, k, v, g, beta, state):
+    """One token per sequence. q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv] in place."""
+    state.mul_(g.exp()[..., None, None])
+    predicted = torch.einsum("bhk,bhkv->bhv", k, state)
+    update = (v - predicted) * beta[..., None]  # the delta: what the state mispredicts, scaled by beta
+    state.add_(k[..., :, None] * update[..., None, :])
+    return torch.einsum("bhk,bhkv->bhv", q, state)
+
+
+def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
+    """Chunked (WY) form over padded segments; padding has g = beta = 0 and so leaves the state alone.
+
+    q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H]; state [B, H, Dk, Dv] (updated in place).
+    Within a chunk with start state S and cumulative log decay G_i:
+      u = T (beta v) - T (beta e^G k) S,  T = (I + A)^-1,  A_ij = beta_i e^(G_i-G_j) k_i.k_j  (j < i)
+      o = (e^G q) S + [e^(G_i-G_j) q_i.k_j]_(j<=i) u
+      S' = e^(G_last) S + (e^(G_last-G) k)^T u
+    Everything but the last two lines' use of S is computed for all chunks at once.
+    """
+    b, length, h, dk = k.shape
+    pad = -length % chunk
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, 0, 0, pad)) for t in (g, beta))
+    n = (length + pad) // chunk
+    # -> [B, H, n, C, D] and [B, H, n, C]
+    q, k, v = (t.transpose(1, 2).reshape(b, h, n, chunk, -1) for t in (q, k, v))
+    g, beta = (t.transpose(1, 2).reshape(b, h, n, chunk) for t in (g, beta))
+
+    cum = g.cumsum(-1)  # G
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    rel = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # e^(G_i-G_j), j<=i
+    kk = k @ k.transpose(-1, -2)
+    a = (beta[..., None] * kk * rel).tril(-1)
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    t_v = torch.linalg.solve_triangular(eye + a, beta[..., None] * v, upper=False, unitriangular=True)
+    t_k = torch.linalg.solve_triangular(eye + a, (beta * cum.exp())[..., None] * k, upper=False, unitriangular=True)
+    q_decay = q * cum.exp()[..., None]
+    qk = (q @ k.transpose(-1, -2)) * rel
+    k_tail = k * (cum[..., -1:] - cum).exp()[..., None]
+    tail = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
+
+    out = torch.empty_like(v)
+    for c in range(n):  # sequential over chunks only
+        u = t_v[:, :, c] - t_k[:, :, c] @ state
+        out[:, :, c] = q_decay[:, :, c] @ state + qk[:, :, c] @ u
+        state.mul_(tail[:, :, c]).add_(k_tail[:, :, c].transpose(-1, -2) @ u)
+    return out.reshape(b, h, n * chunk, -1)[:, :, :length].transpose(1, 2)
+
+
+# ------------------------------------------------------------------ attention ----
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+) -> torch.Tensor:
+    """Causal attention of each segment over its slot's KV cache, after appending its own keys.
+
+    q [T, H, D]; k, v [T, Hkv, D]; caches [S, max_len, Hkv, D]. Returns [T, H, D].
+    """
+    k_cache[batch.token_slots, batch.positions] = k.to(k_cache.dtype)
+    v_cache[batch.token_slots, batch.positions] = v.to(v_cache.dtype)
+    slot = batch.single_slot
+    if slot is not None:
+        end = batch.start_pos[0] + batch.lens[0]
+        keys, values = k_cache[slot, :end][None], v_cache[slot, :end][None]  # views [1, end, Hkv, D]
+        mask = _causal_mask(batch.positions[None], end)
+        return _sdpa(q[None], keys, values, mask, scale)[0]
+    out = torch.empty_like(q)
+    for grp in batch.groups:
+        out[grp.tokens] = grp.from_padded(_attend_group(q[grp.tokens], k_cache, v_cache, grp, scale))
+    return out
+
+
+def _attend_group(q: torch.Tensor, k_cache, v_cache, grp: SegmentGroup, scale: float) -> torch.Tensor:
+    ends = grp.start_pos + grp.lens  # [B]
+    width = int(ends.max())
+    keys, values = k_cache[grp.slots, :width], v_cache[grp.slots, :width]  # [B, width, Hkv, D]
+    q_pos = grp.start_pos[:, None] + torch.arange(grp.pad_index.shape[1], device=q.device)  # [B, L]
+    q_pos = torch.where(grp.valid, q_pos, 0)  # padding rows look at key 0 only (no empty softmax)
+    return _sdpa(grp.to_padded(q), keys, values, _causal_mask(q_pos, width), scale)
+
+
+def _causal_mask(q_pos: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, L] query positions -> [B, 1, L, width] bool, key j visible when j <= position."""
+    return (torch.arange(width, device=q_pos.device) <= q_pos[..., None])[:, None]
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q [B, L, H, D], k/v [B, W, Hkv, D] -> [B, L, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,37 @@
+"""Gated full attention: q/k RMSNorm, partial RoPE, output gated by sigmoid of a per-head gate.
+
+T = tokens, H = query heads, G = KV heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from ..engine.batch import ForwardBatch
+from .norm import RMSNorm
+from .rotary import PartialRotary
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.g, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # fused [q and gate interleaved per head (H*2D) | k (G*D) | v (G*D)] rows
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.h * self.d * 2 + 2 * self.g * self.d, bias=False)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        qg, k, v = self.qkv_proj(x).split([self.h * self.d * 2, self.g * self.d, self.g * self.d], dim=-1)
+        q, gate = qg.view(t, self.h, 2 * self.d).chunk(2, dim=-1)  # [T, H, D] each
+        q = self.rotary(self.q_norm(q), batch.positions)
+        k = self.rotary(self.k_norm(k.view(t, self.g, self.d)), batch.positions)  # [T, G, D]
+        v = v.view(t, self.g, self.d)
+        out = kernels.attention(q, k, v, kv[0], kv[1], batch, self.d ** -0.5)  # [T, H, D]
+        return self.o_proj((out * torch.sigmoid(gate)).reshape(t, -1))

@@ -1,0 +1,57 @@
+"""Dense SwiGLU MLP and the sparse MoE block with a sigmoid-gated shared expert.
+
+T = tokens, D = hidden, I = expert width, E = experts, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * width, bias=False)  # rows [gate | up]
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, i, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.top_k, self.norm_topk = cfg.top_k, cfg.norm_topk_prob
+        self.router = nn.Linear(d, e, bias=False)
+        self.experts_gate_up = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D] rows [gate | up]
+        self.experts_down = nn.Parameter(torch.empty(e, d, i))  # [E, D, I]
+        self.shared = MLP(d, cfg.shared_expert_intermediate_size)
+        self.shared_gate = nn.Linear(d, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
+        probs = torch.softmax(self.router(x).float(), dim=-1)  # [T, E]
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, K]
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        flat = experts.flatten()  # [T*K]
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.experts_down.shape[0]).tolist()
+        token_of = order // self.top_k
+        weight_of = weights.flatten()[order].to(x.dtype)
+        start = 0
+        for e, n in enumerate(counts):  # loop over experts hit, never over tokens
+            if n == 0:
+                continue
+            rows = token_of[start: start + n]
+            gate, up = F.linear(x[rows], self.experts_gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.experts_down[e]) * weight_of[start: start + n, None]
+            out.index_add_(0, rows, y)
+            start += n
+        return out

@@ -1,0 +1,73 @@
+"""The hybrid decoder: embedding, GDN / gated-attention layers with MLP or MoE, final norm, LM head.
+
+T = tokens in the batch, D = hidden, V = vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache.state_cache import HybridCache
+from ..config import ModelConfig
+from ..engine.batch import ForwardBatch
+from .attention import GatedAttention
+from .feed_forward import MLP, SparseMoE
+from .gated_deltanet import GatedDeltaNet
+from .norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str, moe: bool):
+        super().__init__()
+        self.kind = kind
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mixer = GatedDeltaNet(cfg) if kind == "linear_attention" else GatedAttention(cfg)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = SparseMoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_cache) -> torch.Tensor:
+        x = x + self.mixer(self.input_norm(x), batch, layer_cache)
+        return x + self.ffn(self.post_norm(x))
+
+
+class MTPHead(nn.Module):
+    """Multi-token-prediction module (`mtp.*`): drafts the token after next. Loaded now, run by spec decoding."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(d, cfg.rms_norm_eps)
+        self.pre_fc_norm_hidden = RMSNorm(d, cfg.rms_norm_eps)
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, "full_attention", cfg.num_experts > 0) for _ in range(num_layers)
+        )
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+
+
+class HybridModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, mtp_layers: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, kind, moe) for kind, moe in zip(cfg.layer_types, cfg.moe_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = MTPHead(cfg, mtp_layers) if mtp_layers else None
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
+        """Runs every token of the batch; returns final-normed hidden states [T, D]."""
+        x = self.embed(batch.input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, cache.layer(i))
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, D] -> [R, V] float32."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()

@@ -10,7 +10,7 @@ import torch
 from ..cache.slot_table import SlotTable
 from ..cache.state_cache import HybridCache
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import sample
+from ..sampling.sampler import sample, token_logprobs
 from ..tokenizer import Tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
@@ -32,6 +32,7 @@ class RequestOutput:
     text: str | None = None
     prompt_logits: torch.Tensor | None = None  # [P, V] when kept; the last row is what token 0 was sampled from
     logits: torch.Tensor | None = None  # [len(token_ids), V] when kept: the logits each token was sampled from
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token: (its logprob, top-k {id: logprob})
 
 
 @dataclass
@@ -123,6 +124,8 @@ class LLMEngine:
                 seq.output_ids.append(tok)
                 if seq.keep_logits:
                     seq.output_logits.append(row)
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
                 self.stats.generated_tokens += 1
                 reason = self._stop_reason(seq, tok)
                 if reason:
@@ -172,6 +175,7 @@ class LLMEngine:
             text=self.tokenizer.decode(seq.output_ids) if self.tokenizer and done else None,
             prompt_logits=torch.cat(seq.prompt_logits) if keep else None,
             logits=torch.stack(seq.output_logits) if keep and seq.output_logits else None,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 
 

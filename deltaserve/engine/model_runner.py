@@ -13,6 +13,7 @@ class ModelRunner:
     def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
 
+    @torch.inference_mode()
     def run(self, segments: list[Segment]) -> list[torch.Tensor]:
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order."""
         for s in segments:

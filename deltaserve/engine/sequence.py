@@ -32,6 +32,7 @@ class Sequence:
     generator: torch.Generator = field(default_factory=torch.Generator)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
     output_logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)  # per output token
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else int(torch.randint(2**62, ()))

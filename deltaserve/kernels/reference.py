@@ -5,7 +5,8 @@ C = conv channels, K = conv width, H = heads (V heads for the delta rule), Dk/Dv
 
 Every kernel reads each segment's initial state from its slot (zero when the segment resets)
 and writes the final state back to that slot. With one sequence in the batch the slot is used
-through a view of the pool, so nothing is gathered or scattered.
+through a view of the pool, so nothing is gathered or scattered. Multi-token paths compute
+out of place and write states back detached, so the same code trains under autograd.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch
             window.zero_()
         ext = torch.cat([window, x])  # [K-1+T, C]
         out = F.conv1d(ext.t()[None], weight[:, None, :], groups=weight.shape[0])[0].t()
-        window.copy_(ext[-w:])
+        window.copy_(ext[-w:].detach())
         return F.silu(out)
     init = pool[batch.slots] * ~batch.reset[:, None, None]  # [N, K-1, C]
     ext = torch.cat([init.reshape(-1, x.shape[1]), x])  # [N*(K-1) + T, C]
     taps, windows = batch.conv_index(weight.shape[1])
     out = torch.einsum("tkc,ck->tc", ext[taps], weight)
-    pool.index_copy_(0, batch.slots, ext[windows])
+    pool.index_copy_(0, batch.slots, ext[windows].detach())
     return F.silu(out)
 
 
@@ -62,23 +63,28 @@ def gated_delta_rule(
     q = l2norm(q.float()).repeat_interleave(rep, dim=1) * q.shape[-1] ** -0.5
     k = l2norm(k.float()).repeat_interleave(rep, dim=1)
     v, g, beta = v.float(), g.float(), beta.float()
-    out = torch.empty_like(v)
+    out = torch.empty_like(v)  # filled group by group; out-of-place parts keep autograd history
     slot = batch.single_slot
     for grp in batch.groups:
         rows = grp.tokens
         if slot is not None:
-            state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view: updated in place
+            state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view of the slot
             if batch.reset[0]:
                 state.zero_()
         else:
             state = pool[grp.slots] * ~grp.reset[:, None, None, None]  # gathered copy
-        if grp.pad_index.shape[1] == 1:  # decode group: one token per segment
+        if grp.pad_index.shape[1] == 1:  # decode group: one token per segment, state updated in place
             out[rows] = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], state)
+            final = state
         else:
             padded = [grp.to_padded(t[rows]) for t in (q, k, v, g, beta)]
-            out[rows] = grp.from_padded(chunked(*padded, state))
-        if slot is None:
-            pool.index_copy_(0, grp.slots, state)
+            o, final = chunked(*padded, state)
+            out[rows] = grp.from_padded(o)
+        if slot is not None:
+            if final is not state:
+                state.copy_(final.detach())
+        else:
+            pool.index_copy_(0, grp.slots, final.detach())
     return out
 
 
@@ -94,7 +100,8 @@ def recurrent_step(q, k, v, g, beta, state):
 def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     """Chunked (WY) form over padded segments; padding has g = beta = 0 and so leaves the state alone.
 
-    q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H]; state [B, H, Dk, Dv] (updated in place).
+    q, k [B, L, H, Dk]; v [B, L, H, Dv]; g, beta [B, L, H]; state [B, H, Dk, Dv].
+    Returns (out [B, L, H, Dv], final state [B, H, Dk, Dv]).
     Within a chunk with start state S and cumulative log decay G_i:
       u = T (beta v) - T (beta e^G k) S,  T = (I + A)^-1,  A_ij = beta_i e^(G_i-G_j) k_i.k_j  (j < i)
       o = (e^G q) S + [e^(G_i-G_j) q_i.k_j]_(j<=i) u
@@ -123,12 +130,13 @@ def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     k_tail = k * (cum[..., -1:] - cum).exp()[..., None]
     tail = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
 
-    out = torch.empty_like(v)
+    outs = []
     for c in range(n):  # sequential over chunks only
         u = t_v[:, :, c] - t_k[:, :, c] @ state
-        out[:, :, c] = q_decay[:, :, c] @ state + qk[:, :, c] @ u
-        state.mul_(tail[:, :, c]).add_(k_tail[:, :, c].transpose(-1, -2) @ u)
-    return out.reshape(b, h, n * chunk, -1)[:, :, :length].transpose(1, 2)
+        outs.append(q_decay[:, :, c] @ state + qk[:, :, c] @ u)
+        state = state * tail[:, :, c] + k_tail[:, :, c].transpose(-1, -2) @ u
+    out = torch.stack(outs, dim=2).reshape(b, h, n * chunk, -1)[:, :, :length].transpose(1, 2)
+    return out, state
 
 
 # ------------------------------------------------------------------ attention ----

@@ -58,7 +58,6 @@ class HybridModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MTPHead(cfg, mtp_layers) if mtp_layers else None
 
-    @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
         """Runs every token of the batch; returns final-normed hidden states [T, D]."""
         x = self.embed(batch.input_ids)
@@ -66,7 +65,6 @@ class HybridModel(nn.Module):
             x = layer(x, batch, cache.layer(i))
         return self.norm(x)
 
-    @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, D] -> [R, V] float32."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -34,3 +34,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             probs = filter_logits(logits[i], p).softmax(-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return tokens
+
+
+def token_logprobs(row: torch.Tensor, token: int, k: int) -> tuple[float, dict[int, float]]:
+    """The sampled token's log-probability under the model's raw distribution, and the top k ([V] row)."""
+    logp = row.log_softmax(-1)
+    top = logp.topk(k) if k else None
+    return float(logp[token]), ({} if top is None else dict(zip(top.indices.tolist(), top.values.tolist())))

@@ -19,10 +19,14 @@ def _listing(names) -> str:
     return ", ".join(names[:5]) + more
 
 
+def open_checkpoint(path: str | Path) -> tuple[SafetensorsDir, ModelConfig]:
+    """The checkpoint's tensors (names in Hugging Face layout: names(), shape(name), get(name)) and its config."""
+    return SafetensorsDir(path), ModelConfig.from_dir(path)
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them."""
-    cfg = ModelConfig.from_dir(path)
-    ckpt = SafetensorsDir(path)
+    ckpt, cfg = open_checkpoint(path)
     names = ckpt.names()
     mtp_layers = len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
     recipes = hf_recipes(cfg, names, mtp_layers)

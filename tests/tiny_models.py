@@ -1,0 +1,58 @@
+"""Tiny random checkpoints of the three architectures, saved by HF transformers (the oracle).
+
+Router weights are scaled x10 and the LM head x20 so expert choice and argmax are decisive:
+random MoE routers have near-ties, and a 1e-6 difference must not flip an expert.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+def hf_classes(arch: str):
+    import transformers as tf
+    return {
+        "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM),
+        "qwen3_5": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
+        "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
+    }[arch]
+
+
+def tiny_config(arch: str, **overrides) -> dict:
+    cfg = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, max_position_embeddings=4096, eos_token_id=None,
+    )
+    if arch == "qwen3_5":
+        cfg.update(intermediate_size=96)
+    else:
+        cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        if arch == "qwen3_next":
+            cfg.update(intermediate_size=96)
+    cfg.update(overrides)
+    return cfg
+
+
+def build_hf_model(arch: str, seed: int = 0, **overrides):
+    """A random HF model in float32, eval mode, with peaky router and LM head."""
+    config_cls, model_cls = hf_classes(arch)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**tiny_config(arch, **overrides))).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.mul_(10)
+            elif name == "lm_head.weight":
+                p.mul_(20)
+    return model
+
+
+def save_hf_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    model = build_hf_model(arch, seed, **overrides)
+    model.to(dtype).save_pretrained(path)
+    return path

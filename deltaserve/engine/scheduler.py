@@ -1,6 +1,6 @@
 """Continuous batching as plain Python: which sequences run this step, and with how many tokens.
 
-Every step: decodes first (one token each, least recently served first), then prefill chunks of
+Every step: decodes first (one token each, round robin when the budget is short), then prefill chunks of
 running sequences, then new sequences while a slot is free, all within a token budget. A sequence
 keeps its slot from admission to finish, so nothing is ever preempted or recomputed.
 """
@@ -21,7 +21,6 @@ class Scheduler:
         self.budget = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.step_no = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -31,13 +30,12 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Returns (sequence, number of tokens) for this step, at most one entry per sequence."""
-        self.step_no += 1
         budget = self.budget
-        plan: list[tuple[Sequence, int]] = []
-        decoding = sorted((s for s in self.running if not s.in_prefill), key=lambda s: s.last_step)
-        for seq in decoding[:budget]:
-            plan.append((seq, 1))
+        decodes = [s for s in self.running if not s.in_prefill][:budget]
+        plan: list[tuple[Sequence, int]] = [(s, 1) for s in decodes]
         budget -= len(plan)
+        served = {id(s) for s in decodes}  # served ones go to the back: round robin
+        self.running = [s for s in self.running if id(s) not in served] + decodes
         for seq in self.running:
             if budget and seq.in_prefill:
                 n = min(len(seq.prompt_ids) - seq.num_computed, budget)
@@ -50,8 +48,6 @@ class Scheduler:
             n = min(len(seq.prompt_ids), budget)
             plan.append((seq, n))
             budget -= n
-        for seq, _ in plan:
-            seq.last_step = self.step_no
         return plan
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -27,7 +27,6 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     num_computed: int = 0  # tokens whose state / KV the cache holds
-    last_step: int = -1  # last step it was scheduled in (decode fairness)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     generator: torch.Generator = field(default_factory=torch.Generator)
     prompt_logits: list[torch.Tensor] = field(default_factory=list)

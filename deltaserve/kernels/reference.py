@@ -71,6 +71,8 @@ def gated_delta_rule(
             state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view of the slot
             if batch.reset[0]:
                 state.zero_()
+                if grp.pad_index.shape[1] > 1:  # a fresh start reads no state (keeps autograd off the pool)
+                    state = torch.zeros_like(state)
         else:
             state = pool[grp.slots] * ~grp.reset[:, None, None, None]  # gathered copy
         if grp.pad_index.shape[1] == 1:  # decode group: one token per segment, state updated in place
@@ -82,7 +84,7 @@ def gated_delta_rule(
             out[rows] = grp.from_padded(o)
         if slot is not None:
             if final is not state:
-                state.copy_(final.detach())
+                pool[slot].copy_(final[0].detach())
         else:
             pool.index_copy_(0, grp.slots, final.detach())
     return out
@@ -149,14 +151,16 @@ def attention(
 
     q [T, H, D]; k, v [T, Hkv, D]; caches [S, max_len, Hkv, D]. Returns [T, H, D].
     """
-    k_cache[batch.token_slots, batch.positions] = k.to(k_cache.dtype)
-    v_cache[batch.token_slots, batch.positions] = v.to(v_cache.dtype)
     slot = batch.single_slot
     if slot is not None:
-        end = batch.start_pos[0] + batch.lens[0]
+        start, end = batch.start_pos[0], batch.start_pos[0] + batch.lens[0]
+        k_cache[slot, start:end] = k
+        v_cache[slot, start:end] = v
         keys, values = k_cache[slot, :end][None], v_cache[slot, :end][None]  # views [1, end, Hkv, D]
         mask = _causal_mask(batch.positions[None], end)
         return _sdpa(q[None], keys, values, mask, scale)[0]
+    k_cache[batch.token_slots, batch.positions] = k.to(k_cache.dtype)
+    v_cache[batch.token_slots, batch.positions] = v.to(v_cache.dtype)
     out = torch.empty_like(q)
     for grp in batch.groups:
         out[grp.tokens] = grp.from_padded(_attend_group(q[grp.tokens], k_cache, v_cache, grp, scale))

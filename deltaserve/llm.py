@@ -37,18 +37,19 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        return self._run([(self._token_ids(p), sp, False) for p, sp in zip(prompts, plist)])
+        return self._run([(self._token_ids(p), sp, None) for p, sp in zip(prompts, plist)])
 
     def score(self, prompts: list[Prompt]) -> list[torch.Tensor]:
         """Logits of every prompt position ([T_i, V] float32), all sequences run concurrently."""
-        outs = self._run([(self._token_ids(p), SamplingParams(max_tokens=0), True) for p in prompts])
+        outs = self._run([(self._token_ids(p), SamplingParams(max_tokens=0), 0) for p in prompts])
         return [o.prompt_logits for o in outs]
 
-    def _run(self, requests: list[tuple[list[int], SamplingParams, bool]]) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[list[int], SamplingParams, int | None]]) -> list[RequestOutput]:
+        """requests: (token ids, params, prompt_logits_from)."""
         ids = [f"llm-{next(self._ids)}" for _ in requests]
         try:
-            for rid, (tokens, sp, keep) in zip(ids, requests):
-                self.engine.add_request(rid, tokens, sp, keep_logits=keep)
+            for rid, (tokens, sp, logits_from) in zip(ids, requests):
+                self.engine.add_request(rid, tokens, sp, prompt_logits_from=logits_from)
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)

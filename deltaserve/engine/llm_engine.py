@@ -30,7 +30,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     text: str | None = None
-    prompt_logits: torch.Tensor | None = None  # [P, V] when kept; the last row is what token 0 was sampled from
+    prompt_logits: torch.Tensor | None = None  # [P - from, V] when asked for; row i predicts prompt token from+i+1
     logits: torch.Tensor | None = None  # [len(token_ids), V] when kept: the logits each token was sampled from
     logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token: (its logprob, top-k {id: logprob})
 
@@ -70,7 +70,9 @@ class LLMEngine:
         return self.cache.size.describe()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    keep_logits: bool = False) -> None:
+                    keep_logits: bool = False, prompt_logits_from: int | None = None) -> None:
+        """Queues a request. keep_logits: return the logits each output token was sampled from;
+        prompt_logits_from: return the logits of prompt positions >= this (0 = all, for scoring)."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -84,7 +86,9 @@ class LLMEngine:
         if room < max(max_tokens, 1 if params.max_tokens is None else 0):
             raise ValueError(f"request needs {len(prompt)} prompt + {max_tokens} new tokens, "
                              f"but max_model_len is {self.max_model_len}")
-        seq = Sequence(request_id, prompt, params, max_tokens, keep_logits)
+        if prompt_logits_from is not None and not 0 <= prompt_logits_from < len(prompt):
+            raise ValueError(f"prompt_logits_from must be in [0, {len(prompt)}), got {prompt_logits_from}")
+        seq = Sequence(request_id, prompt, params, max_tokens, keep_logits, prompt_logits_from)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -100,7 +104,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        segments = [Segment(seq.next_tokens(n), seq.num_computed, seq.slot, self._num_logits(seq, n)) for seq, n in plan]
+        segments = [Segment(seq.next_tokens(n), seq.num_computed, seq.slot, seq.logits_wanted(n)) for seq, n in plan]
         logits = self.runner.run(segments)
         self._count(plan)
         to_sample: list[tuple[Sequence, torch.Tensor]] = []
@@ -108,8 +112,8 @@ class LLMEngine:
         for (seq, n), seg_logits in zip(plan, logits):
             was_prefill = seq.in_prefill
             seq.num_computed += n
-            if seq.keep_logits and was_prefill:
-                seq.prompt_logits.append(seg_logits)  # [n, V]: row i predicts the token after prompt token i
+            if was_prefill and seq.prompt_logits_from is not None:
+                seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
             if seq.in_prefill:
                 continue
             if len(seq.output_ids) >= seq.max_tokens:  # prefill-only request (max_tokens == 0)
@@ -135,13 +139,6 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- helpers ----
 
-    @staticmethod
-    def _num_logits(seq: Sequence, n: int) -> int:
-        if not seq.in_prefill:
-            return 1
-        completes = seq.num_computed + n == len(seq.prompt_ids)
-        return n if seq.keep_logits else int(completes)
-
     def _count(self, plan) -> None:
         st = self.stats
         st.steps += 1
@@ -164,7 +161,6 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, new: int) -> RequestOutput:
         done = seq.status is Status.FINISHED
-        keep = seq.keep_logits and done
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_ids,
@@ -173,8 +169,8 @@ class LLMEngine:
             finished=done,
             finish_reason=seq.finish_reason,
             text=self.tokenizer.decode(seq.output_ids) if self.tokenizer and done else None,
-            prompt_logits=torch.cat(seq.prompt_logits) if keep else None,
-            logits=torch.stack(seq.output_logits) if keep and seq.output_logits else None,
+            prompt_logits=torch.cat(seq.prompt_logits) if done and seq.prompt_logits else None,
+            logits=torch.stack(seq.output_logits) if done and seq.output_logits else None,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
         )
 

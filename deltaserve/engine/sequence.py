@@ -22,7 +22,8 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved against max_model_len
-    keep_logits: bool = False  # keep prompt and output logits (scoring, tests)
+    keep_logits: bool = False  # keep the logits each output token was sampled from (tests, tools)
+    prompt_logits_from: int | None = None  # keep prompt logits of positions >= this (scoring, perplexity)
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     slot: int | None = None
@@ -44,6 +45,16 @@ class Sequence:
     @property
     def in_prefill(self) -> bool:
         return self.num_computed < len(self.prompt_ids)
+
+    def logits_wanted(self, n: int) -> int:
+        """How many trailing tokens of the next n-token segment need logits."""
+        if not self.in_prefill:
+            return 1
+        end = self.num_computed + n
+        completes = int(end == len(self.prompt_ids))
+        if self.prompt_logits_from is None:
+            return completes
+        return max(end - max(self.prompt_logits_from, self.num_computed), completes, 0)
 
     def next_tokens(self, n: int) -> list[int]:
         """The next n tokens the cache has not seen yet."""

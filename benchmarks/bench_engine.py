@@ -1,0 +1,94 @@
+"""Engine overhead and multi-sequence decode speed on CPU (issue 2).
+
+1. Decode at np=1: the engine (scheduler, batch building, sampling) against a plain single-sequence
+   loop over the same model code (ModelRunner + argmax), alternated A/B to share machine noise.
+2. Aggregate decode tokens/s at np = 1, 4, 16.
+3. Two busy slots: {0, 1} against {0, 2} (llama.cpp slowed 4x when busy slots were not consecutive).
+
+Run: python benchmarks/bench_engine.py [--tokens 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+
+from common import bench_checkpoint, commit, machine, timed
+from deltaserve import LLMEngine, SamplingParams
+from deltaserve.engine.batch import Segment
+
+PROMPT = list(range(100, 228))  # 128 tokens
+
+
+def engine_decode(engine: LLMEngine, np_: int, tokens: int) -> float:
+    """Aggregate decode tokens/s of np sequences (prefill excluded)."""
+    params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+    for i in range(np_):
+        engine.add_request(f"r{i}", PROMPT[i:] + PROMPT[:i], params)
+    while any(s.in_prefill or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill, and the first token
+    seconds = timed(lambda: [engine.step() for _ in range(tokens)])
+    assert not engine.has_unfinished_requests()
+    return np_ * tokens / seconds
+
+
+def plain_decode(engine: LLMEngine, slots: list[int], tokens: int) -> float:
+    """The same model code without the engine: one segment per slot, greedy argmax, in a loop."""
+    run = engine.runner.run
+    last = [int(lg[-1].argmax()) for lg in run([Segment(PROMPT, 0, s) for s in slots])]
+    pos = len(PROMPT)
+
+    def loop():
+        nonlocal last, pos
+        for _ in range(tokens):
+            logits = run([Segment([t], pos, s) for t, s in zip(last, slots)])
+            last = [int(lg[-1].argmax()) for lg in logits]
+            pos += 1
+
+    return len(slots) * tokens / timed(loop)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    engine = LLMEngine.from_pretrained(bench_checkpoint(), dtype="float32", max_num_seqs=16, max_model_len=512)
+    print(f"# {machine()} | commit {commit()} | {datetime.date.today()} | model: random Qwen3-Next 338M, F32")
+    print(f"# cache: {engine.memory_report()}")
+    engine_decode(engine, 1, 4)  # warm-up
+
+    eng, plain = [], []
+    for _ in range(args.rounds):
+        eng.append(engine_decode(engine, 1, args.tokens))
+        plain.append(plain_decode(engine, [0], args.tokens))
+    e, p = statistics.median(eng), statistics.median(plain)
+    print("\n| np=1 decode | t/s (median of %d) |" % args.rounds)
+    print("|---|---|")
+    print(f"| plain single-sequence loop | {p:.2f} |")
+    print(f"| engine (LLMEngine.step) | {e:.2f} |")
+    print(f"| engine / plain | {e / p:.3f} |")
+
+    print("\n| np | aggregate decode t/s | per-sequence t/s |")
+    print("|---|---|---|")
+    for np_ in (1, 4, 16):
+        tps = engine_decode(engine, np_, args.tokens)
+        print(f"| {np_} | {tps:.2f} | {tps / np_:.2f} |")
+
+    rows = {}
+    for _ in range(args.rounds):
+        for name, slots in (("{0, 1}", [0, 1]), ("{0, 2}", [0, 2])):
+            rows.setdefault(name, []).append(plain_decode(engine, slots, args.tokens))
+    print("\n| busy slots | aggregate decode t/s |")
+    print("|---|---|")
+    for name, vals in rows.items():
+        print(f"| {name} | {statistics.median(vals):.2f} |")
+    print(f"| {{0, 2}} / {{0, 1}} | {statistics.median(rows['{0, 2}']) / statistics.median(rows['{0, 1}']):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

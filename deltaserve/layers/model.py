@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """Multi-token-prediction module (`mtp.*`): drafts the token after next. Loaded now, run by spec decoding."""
+    """Multi-token-prediction module (`mtp.*`): drafts the token after next (trained with it, run by spec decoding)."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int):
         super().__init__()
@@ -44,6 +44,17 @@ class MTPHead(nn.Module):
             DecoderLayer(cfg, "full_attention", cfg.num_experts > 0) for _ in range(num_layers)
         )
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embeds: torch.Tensor, batch: ForwardBatch,
+                kv: tuple[torch.Tensor, torch.Tensor], step: int = 0) -> torch.Tensor:
+        """Row t: `hidden` [T, D], the main model's output at position t (after its final norm, as vLLM and
+        SGLang feed it), and `next_embeds` [T, D], the embedding of token t+1. Runs at position t with its
+        own KV cache `kv` ([S, M, G, Dh] each, slots as in `batch`); returns final-normed [T, D] whose
+        logits (shared LM head) predict token t+2. Draft step i uses layer i mod num_layers, as vLLM does.
+        """
+        x = torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
+        x = self.layers[step % len(self.layers)](self.fc(x), batch, kv)  # fc input: [embedding | hidden]
+        return self.norm(x)
 
 
 class HybridModel(nn.Module):

@@ -62,8 +62,9 @@ class ForwardBatch:
     cu_seqlens: torch.Tensor  # [N + 1]
     slots: torch.Tensor  # [N]
     reset: torch.Tensor  # [N] bool
-    lens: list[int]
+    lens: list[int]  # host copies of per-segment metadata: reading them never syncs a device
     start_pos: list[int]
+    slot_ids: list[int]
     groups: list[SegmentGroup]  # decode group (all length 1) then prefill group; empty ones left out
     logits_index: torch.Tensor  # [R] token rows whose logits are wanted
     logits_split: list[int]  # how many of those rows belong to each segment, in segment order
@@ -77,7 +78,7 @@ class ForwardBatch:
     @property
     def single_slot(self) -> int | None:
         """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
-        return int(self.slots[0]) if len(self.lens) == 1 else None
+        return self.slot_ids[0] if len(self.lens) == 1 else None
 
     def conv_index(self, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather indices for a causal conv of width K over all segments at once.
@@ -180,6 +181,7 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         reset=reset,
         lens=lens,
         start_pos=starts,
+        slot_ids=[s.slot for s in segs],
         groups=groups,
         logits_index=tensor(logit_rows),
         logits_split=[s.num_logits for s in segs],

@@ -30,7 +30,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch
     slot = batch.single_slot
     if slot is not None:
         window = pool[slot]  # [K-1, C] view
-        if batch.reset[0]:
+        if batch.start_pos[0] == 0:
             window.zero_()
         ext = torch.cat([window, x])  # [K-1+T, C]
         out = F.conv1d(ext.t()[None], weight[:, None, :], groups=weight.shape[0])[0].t()
@@ -69,7 +69,7 @@ def gated_delta_rule(
         rows = grp.tokens
         if slot is not None:
             state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view of the slot
-            if batch.reset[0]:
+            if batch.start_pos[0] == 0:
                 state.zero_()
                 if grp.pad_index.shape[1] > 1:  # a fresh start reads no state (keeps autograd off the pool)
                     state = torch.zeros_like(state)

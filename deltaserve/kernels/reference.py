@@ -33,7 +33,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch
         if batch.start_pos[0] == 0:
             window.zero_()
         ext = torch.cat([window, x])  # [K-1+T, C]
-        out = F.conv1d(ext.t()[None], weight[:, None, :], groups=weight.shape[0])[0].t()
+        t = x.shape[0]
+        out = ext[:t] * weight[:, 0]  # sum of K shifted slices: far faster on CPU than F.conv1d here
+        for j in range(1, w + 1):
+            out = out + ext[j:j + t] * weight[:, j]
         window.copy_(ext[-w:].detach())
         return F.silu(out)
     init = pool[batch.slots] * ~batch.reset[:, None, None]  # [N, K-1, C]

@@ -40,18 +40,19 @@ class SparseMoE(nn.Module):
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         out = torch.sigmoid(self.shared_gate(x)) * self.shared(x)
-        flat = experts.flatten()  # [T*K]
-        order = flat.argsort(stable=True)
+        t, k = experts.shape
+        flat = experts.flatten()  # [T*K] expert of each (token, choice)
+        order = flat.argsort(stable=True)  # rows grouped by expert
+        rows = x[order // k]  # [T*K, D]
+        ys = torch.empty_like(rows)
         counts = torch.bincount(flat, minlength=self.experts_down.shape[0]).tolist()
-        token_of = order // self.top_k
-        weight_of = weights.flatten()[order].to(x.dtype)
         start = 0
         for e, n in enumerate(counts):  # loop over experts hit, never over tokens
-            if n == 0:
-                continue
-            rows = token_of[start: start + n]
-            gate, up = F.linear(x[rows], self.experts_gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.experts_down[e]) * weight_of[start: start + n, None]
-            out.index_add_(0, rows, y)
-            start += n
-        return out
+            if n:
+                gate, up = F.linear(rows[start:start + n], self.experts_gate_up[e]).chunk(2, dim=-1)
+                ys[start:start + n] = F.linear(F.silu(gate) * up, self.experts_down[e])
+                start += n
+        # back to (token, choice) order by a gather (index_add_ is pathologically slow on CPU), then a
+        # fixed-order sum over the K choices: a token's result never depends on the others in the batch
+        ys = ys[order.argsort()].view(t, k, -1)
+        return out + (ys * weights.to(x.dtype)[..., None]).sum(1)

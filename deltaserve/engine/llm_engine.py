@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from ..cache.slot_table import SlotTable
 from ..cache.state_cache import HybridCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import sample, token_logprobs
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
+log = logging.getLogger("deltaserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +57,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         dtype = model.embed.weight.dtype
         self.cache = HybridCache(cfg, max_num_seqs, max_model_len, dtype, self.device, extra_state_slots)
+        log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.cache.size.describe())
         self.runner = ModelRunner(model, self.cache, self.device)
         self.scheduler = Scheduler(SlotTable(max_num_seqs), max_num_batched_tokens or max(2048, max_num_seqs))
         self.requests: dict[str, Sequence] = {}
@@ -64,7 +67,7 @@ class LLMEngine:
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kwargs) -> "LLMEngine":
         torch_dtype = _resolve_dtype(path, dtype)
         model, cfg = load_model(path, torch_dtype, device)
-        return cls(model, cfg, Tokenizer.from_dir(path), device=device, **kwargs)
+        return cls(model, cfg, load_tokenizer(path), device=device, **kwargs)
 
     def memory_report(self) -> str:
         return self.cache.size.describe()

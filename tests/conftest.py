@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from tiny_models import ARCHS, save_hf_model
+
+# Tiny models gain nothing from a second thread, and on a loaded 2-core machine the OpenMP
+# barriers between two threads make small ops up to ~50x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

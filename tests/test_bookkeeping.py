@@ -47,7 +47,7 @@ def test_build_batch_orders_decodes_first_and_maps_back():
 
 def test_conv_index_gathers_window_then_tokens():
     b = build_batch([Segment([1], 4, 3), Segment([1, 1, 1], 0, 0)], 4)
-    taps, window = b.conv_index(3)  # K = 3: windows are 2 rows each, stacked before the 4 tokens
+    taps, window, _, _ = b.conv_index(3)  # K = 3: windows are 2 rows each, stacked before the 4 tokens
     # segment 0 (decode): window rows 0, 1 then its token (row 4); segment 1: window rows 2, 3 then tokens 5..7
     assert taps.tolist() == [[0, 1, 4], [2, 3, 5], [3, 5, 6], [5, 6, 7]]
     assert window.tolist() == [[1, 4], [6, 7]]
@@ -57,7 +57,7 @@ def test_conv_index_gathers_window_then_tokens():
     ([], "empty"),
     ([Segment([], 0, 0)], "no tokens"),
     ([Segment([1], 0, 4)], "out of range"),
-    ([Segment([1], 0, 1), Segment([2], 3, 1)], "two segments"),
+    ([Segment([1], 0, 1), Segment([2], 3, 1)], "appears twice"),
     ([Segment([1], -1, 0)], "negative"),
     ([Segment([1, 2], 0, 0, num_logits=3)], "num_logits"),
 ])

@@ -112,3 +112,38 @@ def test_model_forward_is_differentiable(tiny_dirs):
         model.logits(hidden[batch.logits_index]).logsumexp(-1).mean().backward()
         no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
         assert no_grad == []
+
+
+def test_verify_segments_keep_the_state_after_every_token():
+    """Speculative verify: segment states after each token land in snapshot slots, the last in the slot."""
+    torch.manual_seed(3)
+    hk, h, dk, dv, c, kw = 2, 4, 8, 8, 6, 4
+    segs = [Segment([0], 5, 0), Segment([0] * 4, 7, 1, snapshot_slots=(8, 9, 10)),
+            Segment([0] * 3, 0, 2, snapshot_slots=(11, 12)), Segment([0] * 20, 0, 3)]
+    batch = build_batch(segs, 8, num_state_slots=16)
+    assert [g.kind for g in batch.groups] == ["decode", "verify", "prefill"] and batch.single_slot is None
+    t = sum(len(s.token_ids) for s in segs)
+    q, k, v = torch.randn(t, hk, dk), torch.randn(t, hk, dk), torch.randn(t, h, dv)
+    g, beta, x = -torch.rand(t, h), torch.rand(t, h), torch.randn(t, c)
+    pool, conv_pool, weight = torch.randn(16, h, dk, dv), torch.randn(16, kw - 1, c), torch.randn(c, kw)
+    before, conv_before = pool.clone(), conv_pool.clone()
+    out = gated_delta_rule(q, k, v, g, beta, pool, batch)
+    conv_out = causal_conv(x, weight, conv_pool, batch)
+    for j, orig in enumerate(batch.order):
+        seg = segs[orig]
+        rows = slice(int(batch.cu_seqlens[j]), int(batch.cu_seqlens[j + 1]))
+        state = torch.zeros(h, dk, dv) if seg.start_pos == 0 else before[seg.slot]
+        window = torch.zeros(kw - 1, c) if seg.start_pos == 0 else conv_before[seg.slot]
+        ext = torch.cat([window, x[rows]])
+        for i in range(len(seg.token_ids)):  # token by token, the naive way
+            o, state = naive_delta_rule(q[rows][i:i + 1], k[rows][i:i + 1], v[rows][i:i + 1], g[rows][i:i + 1],
+                                        beta[rows][i:i + 1], state)
+            torch.testing.assert_close(out[rows][i], o[0], rtol=1e-5, atol=1e-5)
+            if i < len(seg.snapshot_slots):
+                torch.testing.assert_close(pool[seg.snapshot_slots[i]], state, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(conv_pool[seg.snapshot_slots[i]], ext[i + 1:i + kw])
+        torch.testing.assert_close(pool[seg.slot], state, rtol=1e-5, atol=1e-5)
+        ref = F.silu(F.conv1d(ext.t()[None], weight[:, None], groups=c)[0].t())
+        torch.testing.assert_close(conv_out[rows], ref, rtol=1e-5, atol=1e-5)
+    untouched = [4, 5, 6, 7, 13, 14, 15]
+    assert torch.equal(pool[untouched], before[untouched]) and torch.equal(conv_pool[untouched], conv_before[untouched])

@@ -3,8 +3,9 @@
 Letters: T = tokens in the batch, N = segments (one per sequence), B = segments in a group,
 L = longest segment of a group, S = state slots in the pool.
 
-Segments are ordered single-token first (decodes), then multi-token (prefill chunks), like vLLM:
-the two groups take the recurrent and the chunked form of the delta rule. Nothing here is cached
+Segments are ordered single-token first (decodes), then verify segments (speculative decoding:
+the state after every token is kept in a snapshot slot), then multi-token prefill chunks, like vLLM:
+decodes and verifies take the recurrent form of the delta rule, prefill chunks the chunked form. Nothing here is cached
 across steps: a new batch is built every step, and slots are data in it.
 """
 
@@ -25,6 +26,7 @@ class Segment:
     start_pos: int  # position of the first token; 0 resets the slot's recurrent state
     slot: int
     num_logits: int = 1  # logits wanted for this many trailing tokens (0 = none, len = all)
+    snapshot_slots: tuple[int, ...] = ()  # state after token j goes to snapshot_slots[j] (len - 1 of them)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class SegmentGroup:
     lens: torch.Tensor  # [B]
     pad_index: torch.Tensor  # [B, L] row into the group's tokens, padding points at row `num_tokens`
     valid: torch.Tensor  # [B, L] bool
+    kind: str  # "decode" | "verify" | "prefill"
+    snapshot_slots: torch.Tensor | None = None  # verify: [B, L-1] slot for the state after token j, -1 = none
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +69,7 @@ class ForwardBatch:
     lens: list[int]  # host copies of per-segment metadata: reading them never syncs a device
     start_pos: list[int]
     slot_ids: list[int]
+    snapshots: bool  # some segment keeps per-token states
     groups: list[SegmentGroup]  # decode group (all length 1) then prefill group; empty ones left out
     logits_index: torch.Tensor  # [R] token rows whose logits are wanted
     logits_split: list[int]  # how many of those rows belong to each segment, in segment order
@@ -78,7 +83,7 @@ class ForwardBatch:
     @property
     def single_slot(self) -> int | None:
         """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
-        return self.slot_ids[0] if len(self.lens) == 1 else None
+        return self.slot_ids[0] if len(self.lens) == 1 and not self.snapshots else None
 
     def conv_index(self, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather indices for a causal conv of width K over all segments at once.
@@ -101,8 +106,26 @@ class ForwardBatch:
             q = lens[:, None] + torch.arange(w, device=dev)  # [N, K-1]
             s = torch.arange(n, device=dev)[:, None]
             window = torch.where(q < w, s * w + q, n * w + self.cu_seqlens[:-1, None] + q - w)
-            self._conv_index[kernel] = (taps, window)
+            self._conv_index[kernel] = (taps, window, *self._snapshot_windows(w))
         return self._conv_index[kernel]
+
+    def _snapshot_windows(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [P] and gather rows [P, K-1] of the window after each snapshotted token."""
+        slots, rows = [], []
+        n, first = self.num_segments, 0
+        for grp in self.groups:
+            if grp.kind == "verify":
+                for b, seg_slots in enumerate(grp.snapshot_slots.tolist()):
+                    seg, start = first + b, int(self.cu_seqlens[first + b])
+                    for j, slot in enumerate(seg_slots):
+                        if slot >= 0:  # window after token j: positions j+1 .. j+K-1 of the segment's input
+                            q = [j + 1 + i for i in range(w)]
+                            rows.append([seg * w + p if p < w else n * w + start + p - w for p in q])
+                            slots.append(slot)
+            first += len(grp.lens)
+        dev = self.cu_seqlens.device
+        return (torch.tensor(slots, dtype=torch.long, device=dev),
+                torch.tensor(rows, dtype=torch.long, device=dev).view(-1, w))
 
     def split_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """Rows of `logits` ([R, V]) per segment, in the caller's original segment order."""
@@ -113,25 +136,40 @@ class ForwardBatch:
         return out
 
 
-def build_batch(segments: list[Segment], num_slots: int, device: torch.device | str = "cpu") -> ForwardBatch:
-    """Lay out segments as one batch: decodes first, then multi-token segments."""
+def build_batch(segments: list[Segment], num_slots: int, device: torch.device | str = "cpu",
+                num_state_slots: int | None = None) -> ForwardBatch:
+    """Lay out segments as one batch: decodes, then verifies, then prefill chunks.
+
+    num_slots: slots with a KV row (a segment's `slot`); num_state_slots: all state slots
+    (snapshot slots may be spare ones past num_slots)."""
     if not segments:
         raise BatchError("empty batch")
+    num_state_slots = num_state_slots or num_slots
     seen: set[int] = set()
     for s in segments:
+        if s.snapshot_slots and len(s.snapshot_slots) != len(s.token_ids) - 1:
+            raise BatchError(f"slot {s.slot}: {len(s.snapshot_slots)} snapshot slots for {len(s.token_ids)} tokens")
+        for snap in s.snapshot_slots:
+            if not 0 <= snap < num_state_slots or snap in seen:
+                raise BatchError(f"snapshot slot {snap} is out of range or used twice")
+            seen.add(snap)
         if not s.token_ids:
             raise BatchError(f"segment for slot {s.slot} has no tokens")
         if not 0 <= s.slot < num_slots:
             raise BatchError(f"slot {s.slot} out of range [0, {num_slots})")
         if s.slot in seen:
-            raise BatchError(f"slot {s.slot} appears in two segments of one batch")
+            raise BatchError(f"slot {s.slot} appears twice in one batch")
         if s.start_pos < 0:
             raise BatchError(f"negative start position {s.start_pos} for slot {s.slot}")
         if not 0 <= s.num_logits <= len(s.token_ids):
             raise BatchError(f"num_logits {s.num_logits} outside [0, {len(s.token_ids)}] for slot {s.slot}")
         seen.add(s.slot)
 
-    order = sorted(range(len(segments)), key=lambda i: len(segments[i].token_ids) > 1)  # stable
+    def kind(s: Segment) -> str:
+        return "decode" if len(s.token_ids) == 1 else "verify" if s.snapshot_slots else "prefill"
+
+    rank = {"decode": 0, "verify": 1, "prefill": 2}
+    order = sorted(range(len(segments)), key=lambda i: rank[kind(segments[i])])  # stable
     segs = [segments[i] for i in order]
     lens = [len(s.token_ids) for s in segs]
     starts = [s.start_pos for s in segs]
@@ -150,11 +188,12 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
 
     slots = tensor([s.slot for s in segs])
     reset = tensor([s.start_pos == 0 for s in segs], torch.bool)
-    num_decode = sum(1 for n in lens if n == 1)
+    kinds = [kind(s) for s in segs]
     groups = []
-    for lo, hi in ((0, num_decode), (num_decode, len(segs))):
-        if lo == hi:
+    for k in ("decode", "verify", "prefill"):
+        if k not in kinds:
             continue
+        lo, hi = kinds.index(k), len(kinds) - kinds[::-1].index(k)
         g_lens = lens[lo:hi]
         width = max(g_lens)
         local = torch.arange(width, device=device)[None, :]
@@ -170,6 +209,9 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
             lens=g_len_t,
             pad_index=torch.where(valid, rows, n_tok),
             valid=valid,
+            kind=k,
+            snapshot_slots=tensor([list(s.snapshot_slots) + [-1] * (width - 1 - len(s.snapshot_slots))
+                                   for s in segs[lo:hi]]) if k == "verify" else None,
         ))
     return ForwardBatch(
         input_ids=tensor(ids),
@@ -182,6 +224,7 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         lens=lens,
         start_pos=starts,
         slot_ids=[s.slot for s in segs],
+        snapshots="verify" in kinds,
         groups=groups,
         logits_index=tensor(logit_rows),
         logits_split=[s.num_logits for s in segs],

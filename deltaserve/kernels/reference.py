@@ -41,9 +41,11 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch
         return F.silu(out)
     init = pool[batch.slots] * ~batch.reset[:, None, None]  # [N, K-1, C]
     ext = torch.cat([init.reshape(-1, x.shape[1]), x])  # [N*(K-1) + T, C]
-    taps, windows = batch.conv_index(weight.shape[1])
+    taps, windows, snap_slots, snap_rows = batch.conv_index(weight.shape[1])
     out = torch.einsum("tkc,ck->tc", ext[taps], weight)
     pool.index_copy_(0, batch.slots, ext[windows].detach())
+    if batch.snapshots:  # speculative verify: the window after every token, one slot each
+        pool.index_copy_(0, snap_slots, ext[snap_rows].detach())
     return F.silu(out)
 
 
@@ -74,12 +76,16 @@ def gated_delta_rule(
             state = pool[slot: slot + 1]  # [1, H, Dk, Dv] view of the slot
             if batch.start_pos[0] == 0:
                 state.zero_()
-                if grp.pad_index.shape[1] > 1:  # a fresh start reads no state (keeps autograd off the pool)
+                if grp.kind == "prefill":  # a fresh start reads no state (keeps autograd off the pool)
                     state = torch.zeros_like(state)
         else:
             state = pool[grp.slots] * ~grp.reset[:, None, None, None]  # gathered copy
-        if grp.pad_index.shape[1] == 1:  # decode group: one token per segment, state updated in place
+        if grp.kind == "decode":  # one token per segment, state updated in place
             out[rows] = recurrent_step(q[rows], k[rows], v[rows], g[rows], beta[rows], state)
+            final = state
+        elif grp.kind == "verify":  # a few draft tokens: step by step, keeping the state after each
+            out[rows] = grp.from_padded(verify_steps(*[grp.to_padded(t[rows]) for t in (q, k, v, g, beta)],
+                                                     state, pool, grp.snapshot_slots))
             final = state
         else:
             padded = [grp.to_padded(t[rows]) for t in (q, k, v, g, beta)]
@@ -100,6 +106,19 @@ def recurrent_step(q, k, v, g, beta, state):
     update = (v - predicted) * beta[..., None]  # the delta: what the state mispredicts, scaled by beta
     state.add_(k[..., :, None] * update[..., None, :])
     return torch.einsum("bhk,bhkv->bhv", q, state)
+
+
+def verify_steps(q, k, v, g, beta, state, pool, snapshot_slots):
+    """Recurrent steps over padded verify segments ([B, L, ...]); after token j, each segment's state
+    is copied to snapshot_slots[:, j] (-1: none). Padding (g = beta = 0) leaves a state unchanged.
+    state [B, H, Dk, Dv] is updated in place to the state after the last token."""
+    outs = []
+    for j in range(q.shape[1]):  # L <= 1 + draft tokens: a handful
+        outs.append(recurrent_step(q[:, j], k[:, j], v[:, j], g[:, j], beta[:, j], state))
+        if j < snapshot_slots.shape[1]:
+            keep = snapshot_slots[:, j] >= 0
+            pool.index_copy_(0, snapshot_slots[keep, j], state[keep])
+    return torch.stack(outs, dim=1)
 
 
 def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):

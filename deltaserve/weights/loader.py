@@ -21,6 +21,9 @@ def _listing(names) -> str:
 
 def open_checkpoint(path: str | Path) -> tuple[SafetensorsDir, ModelConfig]:
     """The checkpoint's tensors (names in Hugging Face layout: names(), shape(name), get(name)) and its config."""
+    if str(path).endswith(".gguf"):  # a llama.cpp GGUF file, dequantized at load
+        from .gguf_checkpoint import open_gguf
+        return open_gguf(path)
     return SafetensorsDir(path), ModelConfig.from_dir(path)
 
 

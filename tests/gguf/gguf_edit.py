@@ -1,0 +1,35 @@
+"""Rewrites a GGUF file with metadata keys or tensors removed, changed or added: broken files for the error tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+
+def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys: dict | None = None,
+                 drop_tensors: tuple[str, ...] = (), add_tensors: dict | None = None) -> Path:
+    """Copies a GGUF file with metadata keys or tensors removed, changed or added (to make broken files)."""
+    reader = GGUFReader(src)
+    arch = reader.get_field("general.architecture").contents()
+    writer = GGUFWriter(dst, (set_keys or {}).get("general.architecture", arch))
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in drop_keys or name == "general.architecture":
+            continue
+        if name in (set_keys or {}):
+            continue
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    for name, value in (set_keys or {}).items():
+        if name != "general.architecture":
+            writer.add_key_value(name, value, GGUFValueType.get_type(value))
+    for t in reader.tensors:
+        if t.name not in drop_tensors:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # data: byte shape when quantized
+    for name, array in (add_tensors or {}).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst

@@ -109,8 +109,8 @@ def test_check_catches_an_engine_whose_sequences_swap_states(model, capsys, monk
     """A deliberately broken engine (the ik_llama.cpp bug: one sequence reads another's state slot) must fail."""
     real = model_runner.build_batch
 
-    def swapped_states(segments, num_slots, device="cpu"):
-        batch = real(segments, num_slots, device)
+    def swapped_states(*args, **kwargs):
+        batch = real(*args, **kwargs)
         batch.slots = batch.slots.roll(1)  # KV rows stay right, recurrent states are cross-wired
         for g in batch.groups:
             g.slots = g.slots.roll(1)

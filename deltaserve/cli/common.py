@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..engine.llm_engine import LLMEngine
+from ..models import DEFAULT_MODEL
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,11 +24,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
+def add_spec_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec-tokens", type=int, default=0,
+                   help="MTP speculative decoding: draft tokens per step (0 = off; needs mtp.* weights)")
+
+
 def make_engine(args: argparse.Namespace, **limits) -> LLMEngine:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"deltaserve: no model at {args.model} (expected a directory with config.json); pass -m DIR")
+    if not (Path(args.model) / "config.json").is_file() and not str(args.model).endswith(".gguf"):
+        raise SystemExit(f"deltaserve: no model at {args.model} (expected a checkpoint directory or a .gguf file)")
     return LLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **limits)
 
 

@@ -9,7 +9,7 @@ import time
 from tqdm import tqdm
 
 from ..sampling.params import SamplingParams
-from .common import add_model_args, emit_json, make_engine, prompt_tokens
+from .common import add_model_args, add_spec_arg, emit_json, make_engine, prompt_tokens
 
 
 def register(sub) -> None:
@@ -27,12 +27,13 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="top-p (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed; sequence i uses seed + i")
+    add_spec_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     engine = make_engine(args, max_num_seqs=args.parallel, max_model_len=args.ctx_size,
-                         max_num_batched_tokens=args.ubatch_size)
+                         max_num_batched_tokens=args.ubatch_size, spec_tokens=args.spec_tokens)
     prompt = prompt_tokens(args, engine)
     for i in range(args.parallel):
         seed = None if args.seed is None else args.seed + i
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     timing = {"prompt_tokens": len(prompt) * args.parallel, "generated_tokens": generated,
               "prompt_seconds": (first_token_at or end) - start, "generation_seconds": end - (first_token_at or end)}
     timing["generation_tokens_per_second"] = (generated - len(results)) / max(timing["generation_seconds"], 1e-9)
+    drafted = sum(o.num_draft_tokens for o in results.values())
+    if drafted:
+        timing["spec_acceptance_rate"] = sum(o.num_accepted_tokens for o in results.values()) / drafted
     outs = [results[i] for i in range(args.parallel)]
     if args.json:
         emit_json({"outputs": [{"index": i, "text": decode(o.token_ids) if engine.tokenizer else None,
@@ -73,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, o in enumerate(outs):
             print(f"--- sequence {i} ({o.finish_reason}) ---\n{decode(o.token_ids)}")
-    print(f"[{generated} tokens, {timing['generation_tokens_per_second']:.1f} t/s generation]", file=sys.stderr)
+    spec = f", {timing['spec_acceptance_rate']:.0%} of drafts accepted" if drafted else ""
+    print(f"[{generated} tokens, {timing['generation_tokens_per_second']:.1f} t/s generation{spec}]", file=sys.stderr)
     return 0

@@ -129,7 +129,17 @@ class ForwardBatch:
 
     def split_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """Rows of `logits` ([R, V]) per segment, in the caller's original segment order."""
-        parts = torch.split(logits, self.logits_split)
+        return self._in_caller_order(torch.split(logits, self.logits_split))
+
+    def split_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token rows ([T, ...]) per segment, in the caller's original segment order."""
+        return self._in_caller_order(torch.split(x, self.lens))
+
+    def join_tokens(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-segment rows given in the caller's order -> [T, ...] in batch order."""
+        return torch.cat([parts[i] for i in self.order])
+
+    def _in_caller_order(self, parts) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(parts)  # type: ignore[list-item]
         for j, part in enumerate(parts):
             out[self.order[j]] = part

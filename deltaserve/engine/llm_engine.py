@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..weights.loader import load_model
 from .batch import Segment
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
+from .speculative import MTPDrafter, accept
 from .sequence import Sequence, Status
 
 log = logging.getLogger("deltaserve")
@@ -35,6 +37,8 @@ class RequestOutput:
     prompt_logits: torch.Tensor | None = None  # [P - from, V] when asked for; row i predicts prompt token from+i+1
     logits: torch.Tensor | None = None  # [len(token_ids), V] when kept: the logits each token was sampled from
     logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token: (its logprob, top-k {id: logprob})
+    num_draft_tokens: int = 0  # speculative decoding: MTP drafts verified, and how many were accepted
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -45,20 +49,27 @@ class EngineStats:
     generated_tokens: int = 0
     last_batch_seqs: int = 0
     max_batch_seqs: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts verified / accepted
+    accepted_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
 
 
 class LLMEngine:
     def __init__(self, model, cfg, tokenizer: Tokenizer | None = None, *, max_num_seqs: int = 16,
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None,
-                 extra_state_slots: int = 0, device: str | torch.device = "cpu"):
+                 extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu"):
+        """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.max_model_len = max_model_len
-        dtype = model.embed.weight.dtype
-        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, dtype, self.device, extra_state_slots)
+        if spec_tokens and model.mtp is None:
+            raise ValueError("spec_tokens > 0 needs MTP weights (mtp.*), and this checkpoint has none")
+        mtp_layers = len(model.mtp.layers) if spec_tokens else 0
+        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.embed.weight.dtype, self.device,
+                                 extra_state_slots + max_num_seqs * spec_tokens, mtp_layers)
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.cache.size.describe())
         self.runner = ModelRunner(model, self.cache, self.device)
+        self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
         self.scheduler = Scheduler(SlotTable(max_num_seqs), max_num_batched_tokens or max(2048, max_num_seqs))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -107,38 +118,65 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
-        segments = [Segment(seq.next_tokens(n), seq.num_computed, seq.slot, seq.logits_wanted(n)) for seq, n in plan]
-        logits = self.runner.run(segments)
+        segments = [self._segment(seq, n) for seq, n in plan]
+        if self.drafter:
+            logits, hidden = self.runner.run(segments, keep_hidden=True)
+        else:
+            logits, hidden = self.runner.run(segments), [None] * len(plan)
         self._count(plan)
-        to_sample: list[tuple[Sequence, torch.Tensor]] = []
-        outputs = []
-        for (seq, n), seg_logits in zip(plan, logits):
-            was_prefill = seq.in_prefill
-            seq.num_computed += n
-            if was_prefill and seq.prompt_logits_from is not None:
-                seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
-            if seq.in_prefill:
+        outputs, to_sample, mtp_rows = [], [], []
+        for (seq, n), seg_logits, h in zip(plan, logits, hidden):
+            start, was_prefill = seq.num_computed, seq.in_prefill
+            if was_prefill or n == 1:
+                seq.num_computed += n
+                mtp_rows.append((seq, start, h))
+                if was_prefill and seq.prompt_logits_from is not None:
+                    seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
+                if seq.in_prefill:
+                    continue
+                if len(seq.output_ids) >= seq.max_tokens:  # prefill-only request (max_tokens == 0)
+                    self._finish(seq, "length")
+                    outputs.append(self._output(seq, 0))
+                else:
+                    to_sample.append((seq, seg_logits[-1:]))
                 continue
-            if len(seq.output_ids) >= seq.max_tokens:  # prefill-only request (max_tokens == 0)
-                self._finish(seq, "length")
-                outputs.append(self._output(seq, 0))
-            else:
-                to_sample.append((seq, seg_logits[-1]))
+            # a verify segment: the pending token and n-1 drafts
+            tokens = accept(seg_logits, seq.draft_ids[:n - 1], seq.draft_probs[:n - 1], seq.params, seq.generator)
+            self.drafter.settle(seq, n, len(tokens) - 1)
+            seq.num_computed += len(tokens)
+            seq.num_drafted, seq.num_accepted = seq.num_drafted + n - 1, seq.num_accepted + len(tokens) - 1
+            self.stats.draft_tokens += n - 1
+            self.stats.accepted_tokens += len(tokens) - 1
+            mtp_rows.append((seq, start, h[: len(tokens)]))
+            outputs.append(self._emit(seq, tokens, seg_logits))
         if to_sample:
-            rows = torch.stack([lg for _, lg in to_sample])
+            rows = torch.cat([lg for _, lg in to_sample])
             tokens = sample(rows, [s.params for s, _ in to_sample], [s.generator for s, _ in to_sample])
-            for (seq, row), tok in zip(to_sample, tokens):
-                seq.output_ids.append(tok)
-                if seq.keep_logits:
-                    seq.output_logits.append(row)
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
-                self.stats.generated_tokens += 1
-                reason = self._stop_reason(seq, tok)
-                if reason:
-                    self._finish(seq, reason)
-                outputs.append(self._output(seq, 1))
+            outputs += [self._emit(seq, [tok], lg) for (seq, lg), tok in zip(to_sample, tokens)]
+        if self.drafter:
+            self.drafter.propose([row for row in mtp_rows if row[0].status is Status.RUNNING])
         return outputs
+
+    def _segment(self, seq: Sequence, n: int) -> Segment:
+        if seq.in_prefill or n == 1:
+            return Segment(seq.next_tokens(n), seq.num_computed, seq.slot, seq.logits_wanted(n))
+        tokens = seq.next_tokens(1) + seq.draft_ids[: n - 1]
+        return Segment(tokens, seq.num_computed, seq.slot, n, self.drafter.snapshot_slots(seq, n))
+
+    def _emit(self, seq: Sequence, tokens: list[int], rows: torch.Tensor) -> RequestOutput:
+        """Appends new tokens (rows[i]: the logits token i came from) until a stop condition."""
+        for tok, row in zip(tokens, rows):
+            seq.output_ids.append(tok)
+            if seq.keep_logits:
+                seq.output_logits.append(row)
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
+            self.stats.generated_tokens += 1
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self._finish(seq, reason)
+                break
+        return self._output(seq, min(len(tokens), len(seq.output_ids)))
 
     # ---------------------------------------------------------------- helpers ----
 
@@ -175,12 +213,15 @@ class LLMEngine:
             prompt_logits=torch.cat(seq.prompt_logits) if done and seq.prompt_logits else None,
             logits=torch.stack(seq.output_logits) if done and seq.output_logits else None,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_draft_tokens=seq.num_drafted,
+            num_accepted_tokens=seq.num_accepted,
         )
 
 
 def _resolve_dtype(path: str | Path, dtype: str) -> torch.dtype:
-    if dtype == "auto":
-        import json
+    if dtype == "auto" and str(path).endswith(".gguf"):
+        dtype = "float32"  # GGUF weights are dequantized to float32 at load
+    elif dtype == "auto":
         raw = json.loads((Path(path) / "config.json").read_text())
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     if dtype not in DTYPES:

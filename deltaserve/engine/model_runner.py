@@ -14,17 +14,32 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
 
     @torch.inference_mode()
-    def run(self, segments: list[Segment]) -> list[torch.Tensor]:
-        """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order."""
+    def run(self, segments: list[Segment], keep_hidden: bool = False):
+        """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
+        and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
+        batch = self._batch(segments)
+        hidden = self.model(batch, self.cache)
+        logits = batch.split_logits(self.model.logits(hidden[batch.logits_index]))
+        return (logits, batch.split_tokens(hidden)) if keep_hidden else logits
+
+    @torch.inference_mode()
+    def run_mtp(self, segments: list[Segment], hidden: list[torch.Tensor], step: int):
+        """Runs the MTP head: segment rows are (main hidden at position p, token p+1) at position p.
+
+        Returns per segment (draft logits [num_logits, V], MTP outputs [num_logits, D]), input order."""
+        batch = self._batch(segments)
+        out = self.model.mtp(batch.join_tokens(hidden), self.model.embed(batch.input_ids), batch,
+                             self.cache.mtp_kv[step % len(self.cache.mtp_kv)], step)[batch.logits_index]
+        return list(zip(batch.split_logits(self.model.logits(out)), batch.split_logits(out)))
+
+    def _batch(self, segments: list[Segment]):
         for s in segments:
             if s.start_pos + len(s.token_ids) > self.cache.max_model_len:
                 raise BatchError(f"slot {s.slot}: positions up to {s.start_pos + len(s.token_ids)} exceed "
                                  f"max_model_len {self.cache.max_model_len}")
             if s.slot >= self.cache.max_num_seqs:
                 raise BatchError(f"slot {s.slot} has no KV row (max_num_seqs {self.cache.max_num_seqs})")
-        batch = build_batch(segments, self.cache.max_num_seqs, self.device)
-        hidden = self.model(batch, self.cache)
-        return batch.split_logits(self.model.logits(hidden[batch.logits_index]))
+        return build_batch(segments, self.cache.max_num_seqs, self.device, self.cache.num_slots)
 
     def run_tokens(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """llama.cpp-style batch: token i of the sequence in `slots[i]` at `positions[i]`, in any interleaving.

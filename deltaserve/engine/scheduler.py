@@ -31,9 +31,13 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Returns (sequence, number of tokens) for this step, at most one entry per sequence."""
         budget = self.budget
-        decodes = [s for s in self.running if not s.in_prefill][:budget]
-        plan: list[tuple[Sequence, int]] = [(s, 1) for s in decodes]
-        budget -= len(plan)
+        plan: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            if budget and not seq.in_prefill:
+                n = min(seq.decode_tokens(), budget)  # pending token + drafts; drafts dropped if short
+                plan.append((seq, n))
+                budget -= n
+        decodes = [s for s, _ in plan]
         served = {id(s) for s in decodes}  # served ones go to the back: round robin
         self.running = [s for s in self.running if id(s) not in served] + decodes
         for seq in self.running:

@@ -33,6 +33,10 @@ class Sequence:
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
     output_logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)  # per output token
+    draft_ids: list[int] = field(default_factory=list)  # MTP drafts for the positions after the pending token
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # draft distribution q (None: greedy)
+    num_drafted: int = 0
+    num_accepted: int = 0
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else int(torch.randint(2**62, ()))
@@ -49,12 +53,19 @@ class Sequence:
     def logits_wanted(self, n: int) -> int:
         """How many trailing tokens of the next n-token segment need logits."""
         if not self.in_prefill:
-            return 1
+            return n  # a decode (1) or a verify segment: every token's logits
         end = self.num_computed + n
         completes = int(end == len(self.prompt_ids))
         if self.prompt_logits_from is None:
             return completes
         return max(end - max(self.prompt_logits_from, self.num_computed), completes, 0)
+
+    def decode_tokens(self) -> int:
+        """Tokens of its next decode: the pending token plus its drafts."""
+        return 1 + len(self.draft_ids)
+
+    def all_tokens(self, start: int, end: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:end]
 
     def next_tokens(self, n: int) -> list[int]:
         """The next n tokens the cache has not seen yet."""

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine.llm_engine import LLMEngine
-from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer
 from .chat_template import ChatTemplate
 from .engine_loop import EngineLoop
 from .handlers import ClientGone, ServerContext, create_chat_completion, create_completion
@@ -42,6 +42,7 @@ class ServerConfig:
     max_num_batched_tokens: int | None = None
     device: str = "cpu"
     dtype: str = "auto"
+    spec_tokens: int = 0  # MTP speculative decoding: drafts per step
 
     @property
     def model_name(self) -> str:
@@ -55,10 +56,15 @@ def create_app(config: ServerConfig, make_engine: Callable[[], LLMEngine] | None
         def make_engine() -> LLMEngine:
             return LLMEngine.from_pretrained(
                 config.model, device=config.device, dtype=config.dtype, max_num_seqs=config.max_num_seqs,
-                max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens)
+                max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+                spec_tokens=config.spec_tokens)
     engine = EngineLoop(make_engine, config.max_queue, on_load_failure)
-    ctx = ServerContext(engine, Tokenizer.from_dir(config.model), ChatTemplate.from_dir(config.model),
-                        config.model_name)
+    tokenizer = load_tokenizer(config.model)
+    if Path(config.model).is_dir():
+        template = ChatTemplate.from_dir(config.model)
+    else:  # a GGUF file carries its chat template in its metadata
+        template = ChatTemplate(tokenizer.chat_template) if tokenizer and tokenizer.chat_template else None
+    ctx = ServerContext(engine, tokenizer, template, config.model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvicorn
 
+from ..models import DEFAULT_MODEL
 from .app import ServerConfig, create_app
 from .engine_loop import EngineLoop
 
@@ -44,10 +45,10 @@ class DrainingServer(uvicorn.Server):
 def run_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 8080, max_num_seqs: int = 8,
                api_key: str | None = None, max_model_len: int = 4096, max_queue: int = 256, device: str = "cpu",
                dtype: str = "auto", served_model_name: str | None = None, graceful_timeout: float = GRACEFUL_TIMEOUT_S,
-               log_level: str = "info") -> None:
+               log_level: str = "info", spec_tokens: int = 0) -> None:
     """Serves the OpenAI API until interrupted; raises RuntimeError if the model fails to load."""
     config = ServerConfig(model_path, served_model_name, api_key, max_num_seqs, max_model_len, max_queue,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, spec_tokens=spec_tokens)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # no-op if set up
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
@@ -67,8 +68,9 @@ def run_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 8080
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True, help="checkpoint directory (config.json, safetensors, "
-                                                              "tokenizer.json, chat template)")
+    parser.add_argument("-m", "--model", default=str(DEFAULT_MODEL),
+                        help="checkpoint directory (config.json, safetensors, tokenizer.json, chat template) or "
+                             ".gguf file (default: the embedded model)")
     parser.add_argument("-np", "--parallel", dest="max_num_seqs", type=int, default=8,
                         help="parallel slots: sequences decoded together (default 8)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -80,6 +82,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a slot before new ones get 429 (default 256)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--spec-tokens", type=int, default=0,
+                        help="MTP speculative decoding: draft tokens per step (0 = off; needs mtp.* weights)")
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
     parser.add_argument("--graceful-timeout", type=float, default=GRACEFUL_TIMEOUT_S,
                         help="on shutdown, seconds in-flight requests get to finish before they are cancelled")
@@ -88,4 +92,5 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def serve_from_args(args: argparse.Namespace) -> None:
     run_server(args.model, host=args.host, port=args.port, max_num_seqs=args.max_num_seqs, api_key=args.api_key,
                max_model_len=args.max_model_len, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
-               served_model_name=args.served_model_name, graceful_timeout=args.graceful_timeout)
+               served_model_name=args.served_model_name, graceful_timeout=args.graceful_timeout,
+               spec_tokens=args.spec_tokens)

@@ -19,7 +19,7 @@ def _listing(names) -> str:
     return ", ".join(names[:5]) + more
 
 
-def open_checkpoint(path: str | Path) -> tuple[SafetensorsDir, ModelConfig]:
+def open_checkpoint(path: str | Path):
     """The checkpoint's tensors (names in Hugging Face layout: names(), shape(name), get(name)) and its config."""
     if str(path).endswith(".gguf"):  # a llama.cpp GGUF file, dequantized at load
         from .gguf_checkpoint import open_gguf

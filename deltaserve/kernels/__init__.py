@@ -1,9 +1,76 @@
 """The one dispatch point for the model's kernels.
 
-Layers call these names only. Today every device runs the torch reference; the CUDA backend
-plugs in here (its own issue) and is checked against the reference.
+Layers call these names only. CPU tensors run the torch reference (`reference.py`); CUDA tensors
+run the Triton kernels of `triton/` (imported on first use, so CPU installs need no Triton), each
+checked against the reference in tests/cuda.
 """
 
-from .reference import attention, causal_conv, gated_delta_rule
+from __future__ import annotations
 
-__all__ = ["attention", "causal_conv", "gated_delta_rule"]
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .reference import causal_conv, gated_delta_rule
+
+__all__ = ["attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "moe_experts",
+           "rms_norm", "rotary"]
+
+
+def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_weight: torch.Tensor,
+                    A_log: torch.Tensor, dt_bias: torch.Tensor, conv_pool: torch.Tensor, ssm_pool: torch.Tensor,
+                    batch, num_k_heads: int, k_head_dim: int) -> torch.Tensor:
+    """Conv window, gating and gated delta rule of a GDN layer, states by slot.
+
+    mixed [T, C] pre-conv q|k|v; a, b [T, H] raw gate inputs; conv_weight [C, K]; A_log, dt_bias [H];
+    conv_pool [S, K-1, C]; ssm_pool [S, H, Dk, Dv] float32. Returns [T, H, Dv] (float32 on CPU,
+    mixed's dtype on CUDA, where gating and the q/k norm are fused into the delta-rule kernels).
+    """
+    if mixed.is_cuda:
+        from .triton.gdn import gated_delta_net as cuda_gdn
+        return cuda_gdn(mixed, a, b, conv_weight, A_log, dt_bias, conv_pool, ssm_pool, batch, num_k_heads, k_head_dim)
+    t, h = mixed.shape[0], a.shape[1]
+    mixed = causal_conv(mixed, conv_weight, conv_pool, batch)  # [T, C]
+    kd = num_k_heads * k_head_dim
+    q, k, v = mixed.split([kd, kd, mixed.shape[1] - 2 * kd], dim=-1)
+    beta = b.float().sigmoid()  # [T, H]
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # [T, H] log decay
+    return gated_delta_rule(q.view(t, num_k_heads, k_head_dim), k.view(t, num_k_heads, k_head_dim),
+                            v.view(t, h, -1), g, beta, ssm_pool, batch)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              batch, scale: float) -> torch.Tensor:
+    """Causal attention of each segment over its slot's KV cache after appending its keys. See reference.attention."""
+    if q.is_cuda:
+        from .triton.attention import attention as cuda_attention
+        return cuda_attention(q, k, v, k_cache, v_cache, batch.token_slots, batch.positions, batch.cu_seqlens,
+                              batch.slots, batch.lens, scale)
+    return reference.attention(q, k, v, k_cache, v_cache, batch, scale)
+
+
+# CUDA only: on CPU the layers keep their own torch code for these (layers/norm.py, rotary.py, feed_forward.py)
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """x [T, D]; weights, experts [T, K]; gate_up [E, 2I, D]; down [E, D, I] -> [T, D] routed experts' sum."""
+    from .triton.moe import moe_experts as cuda_moe
+    return cuda_moe(x, weights, experts, gate_up, down)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero-centred RMSNorm of [R, D] or [R, B, D] rows."""
+    from .triton.norm import rms_norm as cuda_rms_norm
+    return cuda_rms_norm(x, weight, eps)
+
+
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight * SiLU(z) over [R, B, D] rows, in z's dtype."""
+    from .triton.norm import gated_rms_norm as cuda_gated_rms_norm
+    return cuda_gated_rms_norm(x, z, weight, eps)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """Partial rotate-half rotary embedding of [T, H, D] at positions [T]."""
+    from .triton.norm import rotary as cuda_rotary
+    return cuda_rotary(x, positions, rotary_dim, theta)

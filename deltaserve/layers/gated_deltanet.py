@@ -8,7 +8,6 @@ serves both the Qwen3-Next (interleaved qkvz/ba) and Qwen3.5 (separate) checkpoi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -35,12 +34,7 @@ class GatedDeltaNet(nn.Module):
         t = x.shape[0]
         conv_dim = self.conv_weight.shape[0]
         mixed, z, b, a = self.in_proj(x).split([conv_dim, self.value_dim, self.h, self.h], dim=-1)
-        mixed = kernels.causal_conv(mixed, self.conv_weight, state[0], batch)  # [T, C]
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta = b.float().sigmoid()  # [T, H]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # [T, H] log decay
-        out = kernels.gated_delta_rule(
-            q.view(t, self.hk, self.dk), k.view(t, self.hk, self.dk), v.view(t, self.h, self.dv), g, beta, state[1], batch
-        )  # [T, H, Dv] float32
+        out = kernels.gated_delta_net(mixed, a, b, self.conv_weight, self.A_log, self.dt_bias, state[0], state[1],
+                                      batch, self.hk, self.dk)  # [T, H, Dv]: conv, gating, delta rule by slot
         out = self.norm(out.to(x.dtype), z.view(t, self.h, self.dv))
         return self.out_proj(out.reshape(t, -1))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 
 
@@ -40,6 +41,8 @@ class SparseMoE(nn.Module):
         if self.norm_topk:
             weights = weights / weights.sum(-1, keepdim=True)
         out = torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        if x.is_cuda:  # grouped expert matmuls, no host sync (CUDA graphs)
+            return out + kernels.moe_experts(x, weights, experts, self.experts_gate_up, self.experts_down)
         t, k = experts.shape
         flat = experts.flatten()  # [T*K] expert of each (token, choice)
         order = flat.argsort(stable=True)  # rows grouped by expert

@@ -56,3 +56,24 @@ def save_hf_model(arch: str, path: Path, seed: int = 0, dtype: torch.dtype = tor
     model = build_hf_model(arch, seed, **overrides)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def add_mtp_weights(path: Path, seed: int = 0) -> Path:
+    """Gives a saved checkpoint an MTP head (`mtp.*`), its layer shaped like the model's first attention layer."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    cfg = json.loads((path / "config.json").read_text())
+    src = f"model.layers.{cfg['layer_types'].index('full_attention')}."
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(tensors.items()):
+        if name.startswith(src):
+            tensors["mtp.layers.0." + name[len(src):]] = t + 0.02 * torch.randn(t.shape, generator=g)
+    d = cfg["hidden_size"]
+    tensors["mtp.fc.weight"] = torch.randn(d, 2 * d, generator=g) / (2 * d) ** 0.5
+    for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{n}.weight"] = torch.zeros(d)
+    save_file(tensors, path / "model.safetensors")
+    return path

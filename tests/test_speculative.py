@@ -73,9 +73,12 @@ def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     keep = probs > 0
     assert counts[~keep].sum() == 0, "a token the model rules out was produced"
     n = counts.sum()
-    expected = probs[keep] * n
-    stat = ((counts[keep] - expected) ** 2 / expected).sum()
-    df = int(keep.sum()) - 1
+    big = probs * n >= 5  # cells expected fewer than 5 times are pooled (chi-square needs counts)
+    observed = torch.cat([counts[big], counts[keep & ~big].sum()[None]])
+    expected = torch.cat([probs[big], probs[keep & ~big].sum()[None]]) * n
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    stat = ((observed - expected) ** 2 / expected).sum()
+    df = len(expected) - 1
     return float(1 - torch.distributions.Chi2(torch.tensor(float(df))).cdf(stat))
 
 

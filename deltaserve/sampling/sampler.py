@@ -31,7 +31,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     tokens = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if not p.greedy:
-            probs = filter_logits(logits[i], p).softmax(-1)
+            probs = filter_logits(logits[i].cpu(), p).softmax(-1)  # each sequence's generator lives on the CPU
             tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return tokens
 

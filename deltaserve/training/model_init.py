@@ -17,7 +17,8 @@ DEFAULT_ARCH = dict(
     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
     linear_conv_kernel_dim=4,
     num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=96,
-    intermediate_size=384, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+    intermediate_size=384,  # dense-MLP width: unused while every layer is MoE (mlp_only_layers empty)
+    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
     rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     tie_word_embeddings=True, num_nextn_predict_layers=1,
 )

@@ -138,8 +138,7 @@ def main(argv=None) -> None:
                    train_seconds=round(time.time() - t_train), total_seconds=round(time.time() - t0),
                    params=counts, args={k: str(v) for k, v in vars(args).items()},
                    held_out=[str(p) for p in held_out])
-    (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"saved {args.out}: {summary['train_seconds']}s training", flush=True)
+    print(f"saved {args.out}\n{json.dumps(summary, indent=2)}", flush=True)
 
 
 if __name__ == "__main__":

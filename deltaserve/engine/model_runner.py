@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.state_cache import HybridCache
+from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from .batch import BatchError, Segment, build_batch, decompose_tokens
 
@@ -12,6 +13,8 @@ from .batch import BatchError, Segment, build_batch, decompose_tokens
 class ModelRunner:
     def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
+        if device.type == "cpu":
+            pack_for_cpu(model)  # matmuls on oneDNN-packed F32 weights (issue 9)
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], keep_hidden: bool = False):

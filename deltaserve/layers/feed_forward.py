@@ -52,10 +52,13 @@ class SparseMoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):  # loop over experts hit, never over tokens
             if n:
-                gate, up = F.linear(rows[start:start + n], self.experts_gate_up[e]).chunk(2, dim=-1)
-                ys[start:start + n] = F.linear(F.silu(gate) * up, self.experts_down[e])
+                ys[start:start + n] = self.expert(e, rows[start:start + n])
                 start += n
         # back to (token, choice) order by a gather (index_add_ is pathologically slow on CPU), then a
         # fixed-order sum over the K choices: a token's result never depends on the others in the batch
         ys = ys[order.argsort()].view(t, k, -1)
         return out + (ys * weights.to(x.dtype)[..., None]).sum(1)
+
+    def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        gate, up = F.linear(rows, self.experts_gate_up[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.experts_down[e])

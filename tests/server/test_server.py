@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import threading
@@ -295,11 +296,13 @@ def test_soak_with_random_cancellations(server):
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as http:
             return await asyncio.gather(*(one(http, slots, i) for i in range(n)))
 
-    asyncio.run(run(40))  # warm-up: allocator pools, lazily built things
+    asyncio.run(run(300))  # warm-up round: allocator pools, lazily built things; memory must then stay flat
+    gc.collect()
     m0 = wait_idle(server)
     t0 = time.monotonic()
     results = asyncio.run(run(300))
     elapsed = time.monotonic() - t0
+    gc.collect()
     m1 = wait_idle(server)
     generated = m1["generation_tokens_total"] - m0["generation_tokens_total"]
     aborts = m1["requests_finished_total{abort}"] - m0.get("requests_finished_total{abort}", 0)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .cpu_decode import gated_delta_decode
 from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "moe_experts",
@@ -35,8 +36,10 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     q, k, v = mixed.split([kd, kd, mixed.shape[1] - 2 * kd], dim=-1)
     beta = b.float().sigmoid()  # [T, H]
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # [T, H] log decay
-    return gated_delta_rule(q.view(t, num_k_heads, k_head_dim), k.view(t, num_k_heads, k_head_dim),
-                            v.view(t, h, -1), g, beta, ssm_pool, batch)
+    q, k, v = q.view(t, num_k_heads, k_head_dim), k.view(t, num_k_heads, k_head_dim), v.view(t, h, -1)
+    if t == len(batch.lens) and not batch.snapshots and not torch.is_grad_enabled():  # decodes only
+        return gated_delta_decode(q, k, v, g, beta, ssm_pool, batch.slot_ids, [p == 0 for p in batch.start_pos])
+    return gated_delta_rule(q, k, v, g, beta, ssm_pool, batch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -120,3 +120,11 @@ def test_check_catches_an_engine_whose_sequences_swap_states(model, capsys, monk
     assert main(["check", "-m", model, "--np", "1,3", "-n", "6"]) == 1
     out = capsys.readouterr().out
     assert "np=  1 CLEAN" in out and "np=  3 DIRTY" in out and "differ from solo: sequences [" in out
+
+
+def test_bench_with_speculative_decoding_on_the_embedded_model(capsys):
+    res = run_json(capsys, "bench", "-c", "32", "-ub", "16", "-n", "6", "-np", "2", "--prompt-len", "8",
+                   "--spec-tokens", "2")
+    rows = res["speculative"]["rows"]
+    assert res["speculative"]["spec_tokens"] == 2 and [r["np"] for r in rows] == [1, 2]
+    assert all(r["aggregate_tps"] > 0 and 0 <= r["acceptance"] <= 1 for r in rows)

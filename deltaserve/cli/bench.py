@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
-from .common import add_model_args, emit_json, make_engine
-from .sweep import concurrency_sweep, decode, depth_sweep
+from .common import add_model_args, add_spec_arg, emit_json, make_engine
+from .sweep import concurrency_sweep, decode, depth_sweep, spec_sweep
 
 
 def register(sub) -> None:
@@ -27,21 +27,24 @@ def register(sub) -> None:
     p.add_argument("-np", "--parallel", type=int, default=8, help="largest np of the concurrency sweep (default 8)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt per sequence in the concurrency sweep")
     p.add_argument("--plot", help="write a PNG of t/s against depth and against np (needs matplotlib)")
+    add_spec_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     nps = [1 << i for i in range(args.parallel.bit_length()) if 1 << i <= args.parallel]
-    engine = make_engine(args, max_num_seqs=max(nps), extra_state_slots=1,
-                         max_model_len=max(args.ctx_size + args.n_gen, args.prompt_len + args.n_gen),
+    engine = make_engine(args, max_num_seqs=max(nps), extra_state_slots=1, spec_tokens=args.spec_tokens,
+                         max_model_len=max(args.ctx_size + args.n_gen, args.prompt_len + args.n_gen + 1),
                          max_num_batched_tokens=max(args.ubatch_size, args.prompt_len * max(nps)))
     decode(engine, [0], 0, 2, [0])  # warm-up: first-call costs stay out of the numbers
-    steps = -(-args.ctx_size // args.ubatch_size) + len(nps) + 1
+    steps = -(-args.ctx_size // args.ubatch_size) + len(nps) + 1 + (len(nps) if args.spec_tokens else 0)
     with tqdm(total=steps, file=sys.stderr, disable=args.json, desc="bench") as bar:
         depth = depth_sweep(engine, args.ctx_size, args.ubatch_size, args.n_gen, progress=bar.update)
         conc = concurrency_sweep(engine, nps, args.prompt_len, args.n_gen, progress=bar.update)
+        spec = spec_sweep(engine, nps, args.prompt_len, args.n_gen, progress=bar.update) if args.spec_tokens else []
     result = {"model": args.model, "depth": [asdict(r) for r in depth],
-              "concurrency": [{**asdict(r), "per_seq_tps": r.per_seq_tps} for r in conc]}
+              "concurrency": [{**asdict(r), "per_seq_tps": r.per_seq_tps} for r in conc],
+              "speculative": {"spec_tokens": args.spec_tokens, "rows": [asdict(r) for r in spec]}}
     if args.plot:
         plot(result, args.plot)
     if args.json:
@@ -53,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n| np | slots | aggregate TG t/s | per-sequence t/s |\n|---|---|---|---|")
     for r in conc:
         print(f"| {r.np} | {','.join(map(str, r.slots))} | {r.aggregate_tps:.2f} | {r.per_seq_tps:.2f} |")
+    if spec:
+        print(f"\n| np | TG t/s with --spec-tokens {args.spec_tokens} (engine) | draft acceptance |\n|---|---|---|")
+        for r in spec:
+            print(f"| {r.np} | {r.aggregate_tps:.2f} | {r.acceptance:.0%} |")
     return 0
 
 

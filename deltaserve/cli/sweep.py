@@ -82,3 +82,33 @@ def concurrency_sweep(engine: LLMEngine, nps: list[int], prompt_len: int, gen: i
         if progress:
             progress()
     return rows
+
+
+@dataclass
+class SpecRow:
+    np: int
+    aggregate_tps: float
+    acceptance: float
+
+
+def spec_sweep(engine: LLMEngine, nps: list[int], prompt_len: int, gen: int, seed: int = 0, progress=None):
+    """Greedy generation through the engine (so MTP drafts are made and verified): t/s and acceptance."""
+    from ..sampling.params import SamplingParams
+
+    rng, vocab, rows = random.Random(seed), engine.cfg.vocab_size, []
+    params = SamplingParams(max_tokens=gen + 1, temperature=0, ignore_eos=True)
+    for np_ in nps:
+        for i in range(np_):
+            engine.add_request(f"spec{np_}-{i}", _tokens(rng, prompt_len, vocab), params)
+        while engine.scheduler.waiting or any(not s.output_ids for s in engine.scheduler.running):
+            engine.step()  # prefill and first tokens
+        drafted, accepted = engine.stats.draft_tokens, engine.stats.accepted_tokens
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        seconds = time.perf_counter() - t0
+        drafted = engine.stats.draft_tokens - drafted
+        rows.append(SpecRow(np_, np_ * gen / seconds, (engine.stats.accepted_tokens - accepted) / max(drafted, 1)))
+        if progress:
+            progress()
+    return rows

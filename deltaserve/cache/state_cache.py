@@ -39,13 +39,13 @@ class CacheSize:
 
 
 def cache_size(cfg: ModelConfig, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-               extra_state_slots: int = 0) -> CacheSize:
+               extra_state_slots: int = 0, mtp_layers: int = 0) -> CacheSize:
     slots = max_num_seqs + extra_state_slots
     elem = torch.tensor([], dtype=dtype).element_size()
     n_gdn, n_attn = len(cfg.gdn_layers), len(cfg.attn_layers)
     conv = n_gdn * slots * (cfg.conv_kernel - 1) * cfg.conv_dim * elem
     state = n_gdn * slots * cfg.num_v_heads * cfg.k_head_dim * cfg.v_head_dim * 4
-    kv = n_attn * 2 * max_num_seqs * max_model_len * cfg.num_kv_heads * cfg.head_dim * elem
+    kv = (n_attn + mtp_layers) * 2 * max_num_seqs * max_model_len * cfg.num_kv_heads * cfg.head_dim * elem
     return CacheSize(conv, state, kv)
 
 
@@ -59,9 +59,9 @@ def available_memory(device: torch.device) -> int:
 
 class HybridCache:
     def __init__(self, cfg: ModelConfig, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", extra_state_slots: int = 0):
+                 device: torch.device | str = "cpu", extra_state_slots: int = 0, mtp_layers: int = 0):
         device = torch.device(device)
-        self.size = cache_size(cfg, max_num_seqs, max_model_len, dtype, extra_state_slots)
+        self.size = cache_size(cfg, max_num_seqs, max_model_len, dtype, extra_state_slots, mtp_layers)
         free = available_memory(device)
         if self.size.total > 0.9 * free:
             raise CacheTooLarge(
@@ -76,10 +76,13 @@ class HybridCache:
             conv = torch.zeros(s, w, cfg.conv_dim, dtype=dtype, device=device)  # [S, K-1, C]
             ssm = torch.zeros(s, cfg.num_v_heads, cfg.k_head_dim, cfg.v_head_dim, dtype=torch.float32, device=device)
             self._layers[i] = (conv, ssm)
+        shape = (max_num_seqs, max_model_len, cfg.num_kv_heads, cfg.head_dim)  # [S, M, G, D]
         for i in cfg.attn_layers:
-            shape = (max_num_seqs, max_model_len, cfg.num_kv_heads, cfg.head_dim)  # [S, M, G, D]
             self._layers[i] = (torch.zeros(shape, dtype=dtype, device=device),
                                torch.zeros(shape, dtype=dtype, device=device))
+        # the MTP head's own attention KV (speculative decoding), one per MTP layer
+        self.mtp_kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(mtp_layers)]
         self._gdn = [self._layers[i] for i in cfg.gdn_layers]
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

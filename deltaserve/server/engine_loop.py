@@ -65,6 +65,8 @@ class Snapshot:
     tokens_per_second: float = 0.0
     steps: int = 0
     step_errors: int = 0
+    draft_tokens: int = 0  # speculative decoding: MTP drafts verified / accepted
+    accepted_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason (stop, length, abort, error) -> count
 
 
@@ -253,7 +255,8 @@ class EngineLoop:
             running=running, waiting=max(0, len(self._live) - running), slots_in_use=slots.size - slots.available,
             prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens,
             tokens_per_second=(st.generated_tokens - g0) / (now - t0) if now > t0 else 0.0,
-            steps=st.steps, step_errors=self._step_errors, finished=dict(self._finished),
+            steps=st.steps, step_errors=self._step_errors, draft_tokens=st.draft_tokens,
+            accepted_tokens=st.accepted_tokens, finished=dict(self._finished),
         )
 
 

@@ -55,14 +55,14 @@ class LiveServer:
             if before_load:
                 before_load()
             engine = LLMEngine.from_pretrained(config.model, max_num_seqs=config.max_num_seqs,
-                                               max_model_len=config.max_model_len)
+                                               max_model_len=config.max_model_len, spec_tokens=config.spec_tokens)
             run = engine.runner.run
 
-            def faulty_run(segments):  # fails mid-step: sequences already hold slots
+            def faulty_run(*args, **kwargs):  # fails mid-step: sequences already hold slots
                 if self.fail_next_step.is_set():
                     self.fail_next_step.clear()
                     raise RuntimeError("injected fault")
-                return run(segments)
+                return run(*args, **kwargs)
             engine.runner.run = faulty_run
             return engine
 

@@ -368,3 +368,21 @@ def test_shutdown_cancels_cleanly_after_the_grace_period(model_dir):
     assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
     assert queued.status_code == 503 and "shutting down" in queued.json()["error"]["message"]
     assert not live.thread.is_alive() and not live.engine_loop.alive and live.engine_loop.state == "stopped"
+
+
+def test_speculative_decoding_server_counts_drafts():
+    """--spec-tokens: same greedy text as without, and the acceptance counters in /metrics move."""
+    from deltaserve.models import DEFAULT_MODEL
+
+    live = LiveServer(ServerConfig(DEFAULT_MODEL, served_model_name="default", api_key=API_KEY, max_num_seqs=4,
+                                   max_model_len=256, spec_tokens=2))
+    live.wait_ready()
+    try:
+        got = client(live).completions.create(model="default", prompt="def quicksort(", max_tokens=24, temperature=0)
+        want = LLM(DEFAULT_MODEL, dtype="float32", max_model_len=256).generate(
+            "def quicksort(", SamplingParams(max_tokens=24, temperature=0))[0]
+        assert got.choices[0].text == want.text
+        m = metrics(live)
+        assert m["spec_draft_tokens_total"] > 0 and 0 < m["spec_accepted_tokens_total"] <= m["spec_draft_tokens_total"]
+    finally:
+        live.stop()

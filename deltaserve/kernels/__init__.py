@@ -14,8 +14,8 @@ from . import reference
 from .cpu_decode import gated_delta_decode
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm", "moe_experts",
-           "rms_norm", "rotary"]
+__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm",
+           "moe_experts", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul"]
 
 
 def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_weight: torch.Tensor,
@@ -52,7 +52,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     return reference.attention(q, k, v, k_cache, v_cache, batch, scale)
 
 
-# CUDA only: on CPU the layers keep their own torch code for these (layers/norm.py, rotary.py, feed_forward.py)
+# Glue of the layers: one launch each on CUDA; on CPU the same torch code the layers would run.
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it: (x + y, norm(x + y)). x, y [T, D]; norm an RMSNorm."""
+    if x.is_cuda:
+        from .triton.rowwise import add_rms_norm as cuda_add_rms_norm
+        return cuda_add_rms_norm(x, y, norm.weight, norm.eps)
+    x = x + y
+    return x, norm(x)
+
+
+def norm_rotary(x: torch.Tensor, norm, rotary, positions: torch.Tensor) -> torch.Tensor:
+    """Per-head q/k RMSNorm, then partial rotary: rotary(norm(x), positions). x [T, H, D]; positions [T]."""
+    if x.is_cuda:
+        from .triton.rowwise import norm_rotary as cuda_norm_rotary
+        return cuda_norm_rotary(x, norm.weight, norm.eps, positions, rotary.rotary_dim, rotary.theta)
+    return rotary(norm(x), positions)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: [T, 2I] rows [gate | up] -> SiLU(gate) * up [T, I]."""
+    gate, up = h.chunk(2, dim=-1)
+    if h.is_cuda:
+        from .triton.rowwise import gate_mul
+        return gate_mul(up, gate, sigmoid=False)
+    return F.silu(gate) * up
+
+
+def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The gated attention output: x * sigmoid(gate), both [T, H, D]."""
+    if x.is_cuda:
+        from .triton.rowwise import gate_mul
+        return gate_mul(x, gate, sigmoid=True)
+    return x * torch.sigmoid(gate)
+
+
+# CUDA only: on CPU the layers keep their own torch code for these (layers/norm.py, feed_forward.py)
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
                 down: torch.Tensor) -> torch.Tensor:
@@ -63,17 +99,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, g
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm of [R, D] or [R, B, D] rows."""
-    from .triton.norm import rms_norm as cuda_rms_norm
+    from .triton.rowwise import rms_norm as cuda_rms_norm
     return cuda_rms_norm(x, weight, eps)
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight * SiLU(z) over [R, B, D] rows, in z's dtype."""
-    from .triton.norm import gated_rms_norm as cuda_gated_rms_norm
+    from .triton.rowwise import gated_rms_norm as cuda_gated_rms_norm
     return cuda_gated_rms_norm(x, z, weight, eps)
-
-
-def rotary(x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
-    """Partial rotate-half rotary embedding of [T, H, D] at positions [T]."""
-    from .triton.norm import rotary as cuda_rotary
-    return cuda_rotary(x, positions, rotary_dim, theta)

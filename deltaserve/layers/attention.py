@@ -30,8 +30,8 @@ class GatedAttention(nn.Module):
         t = x.shape[0]
         qg, k, v = self.qkv_proj(x).split([self.h * self.d * 2, self.g * self.d, self.g * self.d], dim=-1)
         q, gate = qg.view(t, self.h, 2 * self.d).chunk(2, dim=-1)  # [T, H, D] each
-        q = self.rotary(self.q_norm(q), batch.positions)
-        k = self.rotary(self.k_norm(k.view(t, self.g, self.d)), batch.positions)  # [T, G, D]
+        q = kernels.norm_rotary(q, self.q_norm, self.rotary, batch.positions)
+        k = kernels.norm_rotary(k.view(t, self.g, self.d), self.k_norm, self.rotary, batch.positions)  # [T, G, D]
         v = v.view(t, self.g, self.d)
         out = kernels.attention(q, k, v, kv[0], kv[1], batch, self.d ** -0.5)  # [T, H, D]
-        return self.o_proj((out * torch.sigmoid(gate)).reshape(t, -1))
+        return self.o_proj(kernels.sigmoid_gate(out, gate).reshape(t, -1))

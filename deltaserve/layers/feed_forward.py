@@ -20,8 +20,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(kernels.silu_mul(self.gate_up(x)))
 
 
 class SparseMoE(nn.Module):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import kernels
 from ..cache.state_cache import HybridCache
 from ..config import ModelConfig
 from ..engine.batch import ForwardBatch
@@ -27,8 +28,8 @@ class DecoderLayer(nn.Module):
         self.ffn = SparseMoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_cache) -> torch.Tensor:
-        x = x + self.mixer(self.input_norm(x), batch, layer_cache)
-        return x + self.ffn(self.post_norm(x))
+        x, h = kernels.add_rms_norm(x, self.mixer(self.input_norm(x), batch, layer_cache), self.post_norm)
+        return x + self.ffn(h)
 
 
 class MTPHead(nn.Module):

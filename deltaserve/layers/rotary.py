@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import kernels
-
 
 class PartialRotary:
     def __init__(self, rotary_dim: int, theta: float):
@@ -13,8 +11,6 @@ class PartialRotary:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, H, D], positions [T] -> x with its first R dims rotated by position."""
-        if x.is_cuda:  # one fused launch
-            return kernels.rotary(x, positions, self.rotary_dim, self.theta)
         r = self.rotary_dim
         inv_freq = 1.0 / self.theta ** (torch.arange(0, r, 2, dtype=torch.float32, device=x.device) / r)  # [R/2]
         freqs = positions[:, None].float() * inv_freq  # [T, R/2]

@@ -14,6 +14,7 @@ from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.kernels import cpu_linear
 from deltaserve.layers.cpu_packed import PackedHybridModel, PackedLinear, PackedSparseMoE, pack_for_cpu, unpack
 from deltaserve.weights.loader import load_model
+from tiny_models import save_hf_model
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="torch built without oneDNN")
 
@@ -48,10 +49,35 @@ def test_linear_row_independent_of_batch(threads):
         torch.set_num_threads(old)
 
 
-@pytest.fixture(params=["qwen3_next", "qwen3_5", "qwen3_5_moe"])
-def model_pair(request, tiny_dirs):
-    plain, cfg = load_model(tiny_dirs[request.param], torch.float32, "cpu")
-    packed, _ = load_model(tiny_dirs[request.param], torch.float32, "cpu")
+def test_one_row_route_agrees_with_batched_rows():
+    """Single rows take MKL on the column-major weight, batches oneDNN: a row agrees across both to 1e-6."""
+    layer = torch.nn.Linear(512, 700, bias=False)
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        ref = layer(x)
+        assert pack_for_cpu_linear(layer)
+        alone, batched = torch.cat([layer(x[i:i + 1]) for i in range(8)]), layer(x)
+    torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, batched, rtol=1e-6, atol=1e-5)
+
+
+def pack_for_cpu_linear(layer: torch.nn.Linear) -> bool:
+    """pack_for_cpu on a lone linear, through a holder the packer walks."""
+    holder = torch.nn.Module()
+    holder.embed, holder.lm = torch.nn.Embedding(2, 2), layer
+    return pack_for_cpu(holder) and type(layer) is PackedLinear
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory):
+    return save_hf_model("qwen3_5", tmp_path_factory.mktemp("tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(params=["qwen3_next", "qwen3_5", "qwen3_5_moe", "tied"])
+def model_pair(request, tiny_dirs, tied_dir):
+    path = tied_dir if request.param == "tied" else tiny_dirs[request.param]
+    plain, cfg = load_model(path, torch.float32, "cpu")
+    packed, _ = load_model(path, torch.float32, "cpu")
     assert pack_for_cpu(packed)
     return plain, packed, cfg
 
@@ -84,4 +110,5 @@ def test_unpack_restores_plain_model(model_pair):
     plain, packed, _ = model_pair
     unpack(packed)
     assert [type(m) for m in packed.modules()] == [type(m) for m in plain.modules()]
+    assert all(p.is_contiguous() for p in packed.parameters())
     assert not hasattr(packed, "packed_lm_head")

@@ -1,9 +1,13 @@
 """CPU inference variants of the layers whose matmuls run on prepacked oneDNN weights (issue 9).
 
-`pack_for_cpu(model)` gives every bias-free nn.Linear, every MoE expert and the LM head a packed copy
-of its F32 weight and swaps the module's class for a subclass whose forward uses it; nothing else
-changes (parameters, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
+`pack_for_cpu(model)` gives every bias-free nn.Linear and every MoE expert a packed copy of its F32
+weight and swaps the module's class for a subclass whose forward uses it; nothing else changes
+(parameter values, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
 for inference: the packed ops have no autograd, and weights changed after packing are not seen.
+
+One-row products (decode of one sequence) of the linears go instead to F.linear on the plain weight
+stored column-major ([in, out] memory, same values), which MKL streams at about 1.2x oneDNN's speed
+here (benchmarks/RESULTS.md); the two routes agree to rounding (~1e-6 relative, tested).
 Memory: the packed copies double the weights' footprint.
 
 T = tokens, D = hidden, I = expert width, V = vocab.
@@ -24,6 +28,8 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if x.numel() == x.shape[-1]:  # one row: MKL's matrix-vector product on the column-major weight
+            return F.linear(x, self.weight)
         return cpu_linear.linear(x, self.packed)
 
 
@@ -37,9 +43,11 @@ class PackedSparseMoE(SparseMoE):
 
 
 class PackedHybridModel(HybridModel):
-    packed_lm_head: torch.Tensor
+    packed_lm_head: torch.Tensor | None  # the embedding's, when the LM head is tied to it
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R, V] float32
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
         return cpu_linear.linear(hidden, self.packed_lm_head).float()
 
 
@@ -51,20 +59,23 @@ def pack_for_cpu(model: HybridModel) -> bool:
     for module in model.modules():
         if type(module) is nn.Linear and module.bias is None:
             module.packed = cpu_linear.pack(module.weight)
+            module.weight.data = module.weight.data.t().contiguous().t()  # column-major, for one-row products
             module.__class__ = PackedLinear
         elif type(module) is SparseMoE:
             module.packed_gate_up = [cpu_linear.pack(w) for w in module.experts_gate_up]
             module.packed_down = [cpu_linear.pack(w) for w in module.experts_down]
             module.__class__ = PackedSparseMoE
     if type(model) is HybridModel:
-        model.packed_lm_head = cpu_linear.pack(weight if model.lm_head is None else model.lm_head.weight)
+        model.packed_lm_head = cpu_linear.pack(weight) if model.lm_head is None else None
         model.__class__ = PackedHybridModel
     return True
 
 
 def unpack(model: HybridModel) -> None:
-    """Undoes `pack_for_cpu`: the plain torch path again, packed copies freed."""
+    """Undoes `pack_for_cpu`: the plain torch path and row-major weights again, packed copies freed."""
     for module in model.modules():
+        if type(module) is PackedLinear:
+            module.weight.data = module.weight.data.contiguous()
         for packed_cls, cls, attrs in ((PackedLinear, nn.Linear, ["packed"]),
                                        (PackedSparseMoE, SparseMoE, ["packed_gate_up", "packed_down"]),
                                        (PackedHybridModel, HybridModel, ["packed_lm_head"])):

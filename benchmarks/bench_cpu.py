@@ -4,7 +4,7 @@ Random Qwen3-Next checkpoint of 338M parameters (benchmarks/common.py), float32,
 32 new tokens: prefill t/s, decode t/s with 1 and with 8 sequences, ratios to HF, and the
 decode step's bandwidth roofline (bytes one step must read / copy bandwidth measured here).
 
-Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3]
+Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = bench_checkpoint()
     rows = {"deltaserve": [], "HF transformers": []}
     for _ in range(args.rounds):  # alternate, so both see the same machine noise

@@ -112,3 +112,16 @@ def test_unpack_restores_plain_model(model_pair):
     assert [type(m) for m in packed.modules()] == [type(m) for m in plain.modules()]
     assert all(p.is_contiguous() for p in packed.parameters())
     assert not hasattr(packed, "packed_lm_head")
+
+
+def test_expert_one_row_route_agrees_with_batched_rows(model_pair):
+    plain, packed, cfg = model_pair
+    if not cfg.num_experts:
+        pytest.skip("dense model")
+    moe = next(m for m in packed.modules() if type(m) is PackedSparseMoE)
+    ref = next(m for m in plain.modules() if type(m).__name__ == "SparseMoE")
+    x = torch.randn(5, cfg.hidden_size)
+    with torch.no_grad():
+        alone = torch.cat([moe.expert(3, x[i:i + 1]) for i in range(5)])
+        torch.testing.assert_close(alone, ref.expert(3, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone, moe.expert(3, x), rtol=1e-6, atol=1e-5)

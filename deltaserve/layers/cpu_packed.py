@@ -5,8 +5,8 @@ weight and swaps the module's class for a subclass whose forward uses it; nothin
 (parameter values, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
 for inference: the packed ops have no autograd, and weights changed after packing are not seen.
 
-One-row products (decode of one sequence) of the linears go instead to F.linear on the plain weight
-stored column-major ([in, out] memory, same values), which MKL streams at about 1.2x oneDNN's speed
+One-row products (decode of one sequence; experts hit by one token) go instead to F.linear on the
+plain weight stored column-major ([in, out] memory, same values), which MKL streams at about 1.2x oneDNN's speed
 here (benchmarks/RESULTS.md); the two routes agree to rounding (~1e-6 relative, tested).
 Memory: the packed copies double the weights' footprint.
 
@@ -38,6 +38,8 @@ class PackedSparseMoE(SparseMoE):
     packed_down: list[torch.Tensor]  # per expert, from [D, I]
 
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
+        if rows.shape[0] == 1:  # as for PackedLinear: the column-major weights through F.linear
+            return super().expert(e, rows)
         gate, up = cpu_linear.linear(rows, self.packed_gate_up[e]).chunk(2, dim=-1)
         return cpu_linear.linear(F.silu(gate) * up, self.packed_down[e])
 
@@ -64,6 +66,8 @@ def pack_for_cpu(model: HybridModel) -> bool:
         elif type(module) is SparseMoE:
             module.packed_gate_up = [cpu_linear.pack(w) for w in module.experts_gate_up]
             module.packed_down = [cpu_linear.pack(w) for w in module.experts_down]
+            for p in (module.experts_gate_up, module.experts_down):  # each expert column-major
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
             module.__class__ = PackedSparseMoE
     if type(model) is HybridModel:
         model.packed_lm_head = cpu_linear.pack(weight) if model.lm_head is None else None
@@ -74,8 +78,9 @@ def pack_for_cpu(model: HybridModel) -> bool:
 def unpack(model: HybridModel) -> None:
     """Undoes `pack_for_cpu`: the plain torch path and row-major weights again, packed copies freed."""
     for module in model.modules():
-        if type(module) is PackedLinear:
-            module.weight.data = module.weight.data.contiguous()
+        if type(module) in (PackedLinear, PackedSparseMoE):
+            for p in module.parameters(recurse=False):
+                p.data = p.data.contiguous()
         for packed_cls, cls, attrs in ((PackedLinear, nn.Linear, ["packed"]),
                                        (PackedSparseMoE, SparseMoE, ["packed_gate_up", "packed_down"]),
                                        (PackedHybridModel, HybridModel, ["packed_lm_head"])):

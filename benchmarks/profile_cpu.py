@@ -46,7 +46,7 @@ def hook_parts(model: torch.nn.Module, totals: dict) -> None:
         return fn
 
     for name, module in model.named_modules():
-        if name and not isinstance(module, torch.nn.ModuleList):
+        if name and name != "lm_head" and not isinstance(module, torch.nn.ModuleList):  # lm_head: in logits
             module.register_forward_pre_hook(pre)
             module.register_forward_hook(post(part_name(name, module, model)))
     logits = model.logits

@@ -15,7 +15,7 @@ from .cpu_decode import gated_delta_decode
 from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["add_rms_norm", "attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm",
-           "moe_experts", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul"]
+           "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
 
 
 def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_weight: torch.Tensor,
@@ -90,11 +90,11 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 # CUDA only: on CPU the layers keep their own torch code for these (layers/norm.py, feed_forward.py)
 
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> torch.Tensor:
-    """x [T, D]; weights, experts [T, K]; gate_up [E, 2I, D]; down [E, D, I] -> [T, D] routed experts' sum."""
-    from .triton.moe import moe_experts as cuda_moe
-    return cuda_moe(x, weights, experts, gate_up, down)
+def sparse_moe(x: torch.Tensor, moe) -> torch.Tensor:
+    """The whole SparseMoE block (router, routed experts, shared expert) of [T, D] rows; moe: the module."""
+    from .triton.moe import sparse_moe as cuda_sparse_moe
+    return cuda_sparse_moe(x, moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
+                           moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

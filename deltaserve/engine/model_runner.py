@@ -8,6 +8,7 @@ from ..cache.state_cache import HybridCache
 from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from .batch import BatchError, Segment, build_batch, decompose_tokens
+from .cuda_graphs import DecodeGraphs
 
 
 class ModelRunner:
@@ -15,11 +16,14 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         if device.type == "cpu":
             pack_for_cpu(model)  # matmuls on oneDNN-packed F32 weights (issue 9)
+        self.graphs = DecodeGraphs(model, cache, device) if device.type == "cuda" else None  # decode steps
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], keep_hidden: bool = False):
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
         and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
+        if self.graphs is not None and not keep_hidden and (logits := self.graphs.run(segments)) is not None:
+            return logits
         batch = self._batch(segments)
         hidden = self.model(batch, self.cache)
         logits = batch.split_logits(self.model.logits(hidden[batch.logits_index]))

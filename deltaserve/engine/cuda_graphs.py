@@ -1,0 +1,95 @@
+"""CUDA graphs for pure-decode steps, one per captured batch size; slots and positions are graph inputs.
+
+Letters: B = captured batch size, n = sequences in the step (n <= B), V = vocab.
+A step of n single-token segments runs the graph of the smallest captured B >= n. Token ids,
+positions and slots are copied into static buffers before each replay, so one graph serves every
+slot assignment: no slot is ever baked into a graph (ik_llama.cpp #2260 read another slot's state
+that way). Padding rows carry slot -1, which every kernel skips (no state or KV read or written),
+and their logits are dropped. Graphs are captured on the first decode step, largest first, sharing
+one memory pool; capture runs with every row padding, so it leaves the cache untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .batch import BatchError, ForwardBatch, Segment, build_batch
+
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, cache, device: torch.device, max_batch: int = CAPTURE_SIZES[-1]):
+        self.model, self.cache, self.device = model, cache, device
+        limit = min(max_batch, cache.max_num_seqs)
+        self.sizes = [s for s in CAPTURE_SIZES if s < limit] + [limit]
+        top = self.sizes[-1]
+        self.host = torch.zeros(3, top, dtype=torch.long, pin_memory=True)  # rows: token ids, positions, slots
+        self.inputs = torch.zeros(3, top, dtype=torch.long, device=device)
+        self.reset = torch.zeros(top, dtype=torch.bool, device=device)
+        self.copied = torch.cuda.Event()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch]] = {}  # the batch keeps its tensors alive
+        self.logits: torch.Tensor | None = None  # [top, V] float32, written by every replay
+
+    def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
+        """Each segment's logits ([1, V] float32, input order), or None when this step is not a plain decode."""
+        n = len(segments)
+        if n > self.sizes[-1] or any(len(s.token_ids) != 1 or s.num_logits != 1 or s.snapshot_slots for s in segments):
+            return None
+        self._check(segments)
+        if not self.graphs:
+            self._capture()
+        size = next(s for s in self.sizes if s >= n)
+        self.copied.synchronize()  # the last step's copy has read the pinned buffer
+        self.host[:, :size] = torch.tensor([[s.token_ids[0] for s in segments] + [0] * (size - n),
+                                            [s.start_pos for s in segments] + [0] * (size - n),
+                                            [s.slot for s in segments] + [-1] * (size - n)])
+        self.inputs[:, :size].copy_(self.host[:, :size], non_blocking=True)
+        self.copied.record()
+        self.graphs[size][0].replay()
+        return list(self.logits[:n].clone().split(1))
+
+    def _check(self, segments: list[Segment]) -> None:
+        """The guards build_batch would apply: a bad slot or position must not reach a kernel."""
+        slots = [s.slot for s in segments]
+        if len(set(slots)) != len(slots) or not all(0 <= s < self.cache.max_num_seqs for s in slots):
+            raise BatchError(f"decode slots {slots} must be distinct and in [0, {self.cache.max_num_seqs})")
+        if not all(0 <= s.start_pos < self.cache.max_model_len for s in segments):
+            raise BatchError(f"decode positions must be in [0, {self.cache.max_model_len})")
+
+    def _batch(self, size: int) -> ForwardBatch:
+        """A decode batch of `size` rows whose tensors are views of the static input buffers."""
+        template = build_batch([Segment([0], 1, s) for s in range(size)], self.cache.max_num_seqs, self.device,
+                               self.cache.num_slots)
+        ids, pos, slots = self.inputs[:, :size]
+        reset = self.reset[:size]
+        group = dataclasses.replace(template.groups[0], slots=slots, reset=reset, start_pos=pos)
+        return dataclasses.replace(template, input_ids=ids, positions=pos, token_slots=slots, slots=slots,
+                                   reset=reset, groups=[group])
+
+    def _forward(self, batch: ForwardBatch) -> None:
+        size = batch.slots.shape[0]
+        torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
+        self.logits[:size].copy_(self.model.logits(self.model(batch, self.cache)))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        top = self.sizes[-1]
+        self.host[0], self.host[1], self.host[2] = 0, 0, -1  # every row padding: capture touches no state
+        self.inputs.copy_(self.host)
+        self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            batch = self._batch(size)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, fills caches
+                self._forward(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(batch)
+            self.graphs[size] = (graph, batch)
+        torch.cuda.synchronize()

@@ -1,0 +1,107 @@
+"""The engine on CUDA: concurrency guarantees up to np = 64, and CUDA graphs that take slots as data.
+
+Tiny random float32 checkpoints (tests/tiny_models.py, peaky router and LM head): a token
+mismatch means a bug, not a near-tie.
+"""
+
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from deltaserve import LLMEngine, SamplingParams  # noqa: E402
+from deltaserve.engine.batch import Segment  # noqa: E402
+
+def engine(path, np_: int, budget: int = 64) -> LLMEngine:
+    return LLMEngine.from_pretrained(path, device="cuda", dtype="float32", max_num_seqs=np_, max_model_len=256,
+                                     max_num_batched_tokens=budget)
+
+
+def drive(eng: LLMEngine, requests) -> dict:
+    """requests: (rid, prompt, params, arrive_step, abort_step | None) -> {rid: (tokens, logits)}."""
+    results, step = {}, 0
+    pending = sorted(requests, key=lambda r: r[3])
+    while pending or eng.has_unfinished_requests():
+        while pending and pending[0][3] <= step:
+            rid, prompt, params, _, _ = pending.pop(0)
+            eng.add_request(rid, prompt, params, keep_logits=True)
+            results[rid] = ([], None)
+        for rid, _, _, _, abort in requests:
+            if abort == step and rid in results:
+                eng.abort_request(rid)
+        for out in eng.step():
+            results[out.request_id] = (out.token_ids, out.logits)
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("np_", [1, 8, 64])
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+def test_each_sequence_matches_its_solo_run(tiny_dirs, arch, np_, note):
+    eng = engine(tiny_dirs[arch], np_)
+    rng = random.Random(np_)
+    vocab = eng.cfg.vocab_size
+    requests = []
+    for i in range(max(2, 2 * np_)):  # more requests than slots: slots are reused after finish and abort
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(max_tokens=rng.randint(4, 14), temperature=0) if i % 3 else \
+            SamplingParams(max_tokens=rng.randint(4, 14), temperature=0.9, top_p=0.9, seed=i)
+        requests.append((f"r{i}", prompt, params, rng.randint(0, 8), rng.randint(2, 6) if i % 5 == 4 else None))
+    together = drive(eng, requests)
+    diffs = []
+    assert eng.stats.max_batch_seqs >= min(np_, 2)
+    for rid, prompt, params, _, abort in requests:
+        ref_tokens, ref_logits = drive(eng, [(rid + "-solo", prompt, params, 0, None)])[rid + "-solo"]
+        tokens, logits = together[rid]
+        if abort is None:
+            assert tokens == ref_tokens, rid
+            diffs.append(float((logits - ref_logits).abs().max()))
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
+        else:
+            assert tokens == ref_tokens[: len(tokens)], rid
+    assert eng.scheduler.slots.available == eng.cache.max_num_seqs
+    note(f"engine {arch} np={np_}: max |logit difference| batched vs solo {max(diffs, default=0):.2e}")
+
+
+def pools(eng: LLMEngine) -> list[torch.Tensor]:
+    return [t.clone() for i in range(eng.cfg.num_layers) for t in eng.cache.layer(i)]
+
+
+def restore(eng: LLMEngine, saved: list[torch.Tensor]) -> None:
+    for t, s in zip((t for i in range(eng.cfg.num_layers) for t in eng.cache.layer(i)), saved):
+        t.copy_(s)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_one_graph_serves_any_slot_assignment(tiny_dirs, arch):
+    """One captured graph (batch 8) replayed with 5 rows on different slots each time (3 padding rows):
+    logits and every slot's state equal an eager run, and slots outside the step are untouched."""
+    eng = engine(tiny_dirs[arch], 16)
+    runner, rng = eng.runner, random.Random(0)
+    live = [3, 7, 1, 12, 5, 9, 14, 0]
+    prompts = {s: [rng.randrange(eng.cfg.vocab_size) for _ in range(rng.randint(1, 30))] for s in live}
+    runner.run([Segment(p, 0, s, 1) for s, p in prompts.items()])  # prefill (eager)
+    pos = {s: len(p) for s, p in prompts.items()}
+    graph = None
+    for step, slots in enumerate([[3, 7, 1, 12, 5], [12, 0, 9, 3, 14], [14, 9, 5, 0, 1], [0, 1, 3, 5, 7]]):
+        segs = [Segment([rng.randrange(eng.cfg.vocab_size)], pos[s], s) for s in slots]
+        before = pools(eng)
+        got = runner.graphs.run(segs)
+        graph = graph or runner.graphs.graphs[8][0]
+        assert runner.graphs.graphs[8][0] is graph and len(got) == 5
+        after_graph = pools(eng)
+        restore(eng, before)
+        graphs, runner.graphs = runner.graphs, None  # the eager path
+        want = runner.run(segs)
+        runner.graphs = graphs
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+        kv_rows = [s for s in range(eng.cache.max_num_seqs) if s not in slots]
+        for t_graph, t_eager, t_before in zip(after_graph, pools(eng), before):
+            torch.testing.assert_close(t_graph, t_eager, rtol=1e-5, atol=1e-5)
+            assert torch.equal(t_graph[kv_rows], t_before[kv_rows])  # state, conv and KV of other slots
+        for s in slots:
+            pos[s] += 1

@@ -1,0 +1,155 @@
+"""Attention over the KV cache, grouped MoE and the layers' row-wise glue on CUDA against float64 torch code.
+
+Attention: decodes and varlen prefill chunks (1..300 tokens, some continuing earlier context) on
+non-consecutive slots, padding rows with slot -1; KV slot S-1 holds NaN and every cache row the
+batch does not write must come back bit for bit.
+"""
+
+import copy
+import random
+import types
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from deltaserve import kernels  # noqa: E402
+from deltaserve.engine.batch import Segment, build_batch  # noqa: E402
+from deltaserve.kernels import reference  # noqa: E402
+from deltaserve.kernels.triton.attention import decode_attention, store_kv  # noqa: E402
+from deltaserve.layers.feed_forward import SparseMoE  # noqa: E402
+from deltaserve.layers.norm import GatedRMSNorm, RMSNorm  # noqa: E402
+from deltaserve.layers.rotary import PartialRotary  # noqa: E402
+
+S, M = 16, 512
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+
+
+def attn_case(name: str):
+    rng = random.Random(name)
+    if name == "decodes":
+        return [1] * 6, [0, 7, 2, 11, 5, 13], [4, 0, 300, 3, 129, 64]
+    if name == "mixed":
+        return [1, 65, 1, 3, 300, 129], [9, 1, 4, 10, 6, 0], [5, 0, 2, 0, 17, 64]
+    n = 10  # varlen: random lengths 1..300 and starts, distinct random slots
+    lens = [rng.randint(1, 300) for _ in range(n)]
+    return lens, rng.sample(range(S - 1), n), [rng.randint(0, 200) for _ in range(n)]
+
+
+def attn_inputs(t, h, g, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, h, d, generator=gen)
+    kv = torch.randn(t, 2 * g * d + 8, generator=gen)  # k, v as strided views, like the layer's split
+    caches = torch.randn(2, S, M, g, d, generator=gen)
+    caches[:, S - 1] = float("nan")
+    ref = [x.to(dtype).double() for x in (q, kv, caches)]
+    dev = [x.to(dtype).cuda() for x in (q, kv, caches)]
+    return ref, dev
+
+
+def split_kv(kv, g, d):
+    return kv[:, :g * d].view(-1, g, d), kv[:, g * d:2 * g * d].view(-1, g, d)
+
+
+@DTYPES
+@pytest.mark.parametrize("h,g,d", [(8, 2, 256), (4, 2, 16)], ids=str)
+@pytest.mark.parametrize("case", ["decodes", "mixed", "varlen"])
+def test_attention_matches_reference(case, h, g, d, dtype, check):
+    lens, slots, starts = attn_case(case)
+    segs = [Segment([0] * n, s0, slot) for n, slot, s0 in zip(lens, slots, starts)]
+    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(sum(lens), h, g, d, dtype, seed=len(case) + d)
+    before = dcaches.clone()
+    ref = reference.attention(q, *split_kv(kv, g, d), caches[0], caches[1], build_batch(segs, S), d ** -0.5)
+    batch = build_batch(segs, S, "cuda")
+    out = kernels.attention(dq, *split_kv(dkv, g, d), dcaches[0], dcaches[1], batch, d ** -0.5)
+    check(f"attention {case} h{h} g{g} d{d} {dtype}", out, ref, TOL[dtype])
+    written = torch.zeros(S, M, dtype=torch.bool)
+    written[batch.token_slots.cpu(), batch.positions.cpu()] = True
+    torch.testing.assert_close(dcaches.cpu()[:, written], caches[:, written].to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(dcaches.cpu()[:, ~written], before.cpu()[:, ~written], rtol=0, atol=0, equal_nan=True)
+
+
+@DTYPES
+def test_decode_attention_padding_rows(dtype, check):
+    h, g, d = 8, 2, 256
+    lens, slots, starts = attn_case("decodes")
+    n, pad = len(lens), 3
+    segs = [Segment([0], s0, slot) for slot, s0 in zip(slots, starts)]
+    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(n + pad, h, g, d, dtype, seed=3)
+    before = dcaches.clone()
+    ref = reference.attention(q[:n], *split_kv(kv[:n], g, d), caches[0], caches[1], build_batch(segs, S), d ** -0.5)
+    batch = build_batch(segs, S, "cuda")
+    pad_slots = torch.cat([batch.slots, batch.slots.new_full((pad,), -1)])
+    positions = torch.cat([batch.positions, batch.positions.new_zeros(pad)])
+    store_kv(*split_kv(dkv, g, d), dcaches[0], dcaches[1], pad_slots, positions)
+    out = decode_attention(dq, dcaches[0], dcaches[1], pad_slots, positions, d ** -0.5)
+    check(f"padded decode attention {dtype}", out[:n], ref, TOL[dtype])
+    assert torch.equal(out[n:].cpu(), torch.zeros(pad, h, d, dtype=dtype))
+    untouched = [x for x in range(S) if x not in slots]
+    torch.testing.assert_close(dcaches[:, untouched].cpu(), before[:, untouched].cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@DTYPES
+@pytest.mark.parametrize("t,e,k", [(1, 512, 10), (64, 512, 10), (37, 16, 4), (300, 64, 8)], ids=str)
+def test_sparse_moe_matches_cpu_block(t, e, k, dtype, check, note):
+    """The whole MoE block (routing, grouped experts, shared expert) against SparseMoE's CPU code in float64.
+    Router weights x10 make routing decisive; tokens whose k-th and (k+1)-th probabilities are within
+    bf16 rounding of each other (a near-tie either side may break differently) are left out and counted."""
+    d, i = 256, 64
+    cfg = types.SimpleNamespace(num_experts=e, moe_intermediate_size=i, hidden_size=d, top_k=k,
+                                norm_topk_prob=True, shared_expert_intermediate_size=96)
+    gen = torch.Generator().manual_seed(t + e)
+    moe = SparseMoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        moe.router.weight.mul_(10)
+        x = torch.randn(t, d, generator=gen)
+        ref_moe = copy.deepcopy(moe).to(dtype).double()
+        ref = ref_moe(x.to(dtype).double())
+        got = kernels.sparse_moe(x.to(dtype).cuda(), copy.deepcopy(moe).to(dtype).cuda())
+        probs = torch.softmax(ref_moe.router(x.to(dtype).double()), -1).topk(k + 1).values
+    margin = (probs[:, k - 1] - probs[:, k]) / probs[:, k - 1]
+    keep = margin > (2e-2 if dtype == torch.bfloat16 else 1e-6)
+    note(f"moe t{t} e{e} k{k} {dtype}: {int((~keep).sum())} of {t} tokens routed on a near-tie, left out")
+    check(f"moe block t{t} e{e} k{k} {dtype}", got[keep.cuda()], ref[keep], TOL[dtype])
+
+
+@DTYPES
+def test_rowwise_glue_matches_layers(dtype, check):
+    """Norms, residual add + norm, q/k norm + rotary, SwiGLU and the attention gate: CUDA vs the CPU code."""
+    gen = torch.Generator().manual_seed(5)
+    norm, gated, rotary = RMSNorm(256, 1e-6), GatedRMSNorm(128, 1e-6), PartialRotary(64, 1e7)
+    norm.weight.data, gated.weight.data = torch.randn(256, generator=gen), torch.randn(128, generator=gen)
+    x = torch.randn(37, 3 * 256 + 5, generator=gen)[:, :768].view(37, 3, 256)  # strided rows, like q of qkv_proj
+    o, z = torch.randn(37, 4, 128, generator=gen), torch.randn(37, 600, generator=gen)[:, :512].view(37, 4, 128)
+    y, h = torch.randn(37, 256, generator=gen), torch.randn(37, 2 * 384, generator=gen)
+    positions = torch.randint(0, 4096, (37,), generator=gen)
+    c_norm, c_gated = copy.deepcopy(norm).to(dtype).cuda(), copy.deepcopy(gated).to(dtype).cuda()
+    r_norm, r_gated = norm.double(), gated.double()
+
+    def dev(t):
+        return t.to(dtype).cuda()
+
+    def ref(t):
+        return t.to(dtype).double()
+
+    with torch.no_grad():
+        cases = [
+            ("rmsnorm [T, H, D]", c_norm(dev(x)), r_norm(ref(x))),
+            ("rmsnorm [T, D]", c_norm(dev(x[:, 0])), r_norm(ref(x[:, 0]))),
+            ("gated rmsnorm", c_gated(dev(o), dev(z)), r_gated(ref(o), ref(z))),
+            ("add + rmsnorm: sum", kernels.add_rms_norm(dev(x[:, 0]).contiguous(), dev(y), c_norm)[0],
+             ref(x[:, 0]) + ref(y)),
+            ("add + rmsnorm: norm", kernels.add_rms_norm(dev(x[:, 0]).contiguous(), dev(y), c_norm)[1],
+             r_norm((ref(x[:, 0]) + ref(y)).to(dtype).double())),
+            ("q/k norm + rotary", kernels.norm_rotary(dev(x), c_norm, rotary, positions.cuda()),
+             rotary(r_norm(ref(x)), positions)),
+            ("silu * up", kernels.silu_mul(dev(h)), kernels.silu_mul(ref(h))),
+            ("x * sigmoid(gate)", kernels.sigmoid_gate(dev(o), dev(z)), kernels.sigmoid_gate(ref(o), ref(z))),
+        ]
+    for name, got, want in cases:
+        check(f"{name} {dtype}", got, want, TOL[dtype])

@@ -140,8 +140,8 @@ def hf_decode(hf, vocab: int, np_: int) -> float:
 
 
 def prefill(fn) -> float:
-    fn()
-    return statistics.median(sync_time(fn, 1) for _ in range(3))
+    fn()  # warm-up: compiles and autotunes
+    return sync_time(fn, 2)
 
 
 @torch.inference_mode()

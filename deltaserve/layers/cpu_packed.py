@@ -5,9 +5,11 @@ weight and swaps the module's class for a subclass whose forward uses it; nothin
 (parameter values, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
 for inference: the packed ops have no autograd, and weights changed after packing are not seen.
 
-One-row products (decode of one sequence; experts hit by one token) go instead to F.linear on the
-plain weight stored column-major ([in, out] memory, same values), which MKL streams at about 1.2x oneDNN's speed
-here (benchmarks/RESULTS.md); the two routes agree to rounding (~1e-6 relative, tested).
+With one torch thread, one-row products (decode of one sequence; experts hit by one token) go instead
+to F.linear on the plain weight stored column-major ([in, out] memory, same values), which MKL streams
+at about 1.2x oneDNN's speed there; with more threads oneDNN is the faster one-row route too
+(benchmarks/RESULTS.md). The routes agree to rounding (~1e-6 relative, tested); the choice depends on
+the thread count only, never on the batch.
 Memory: the packed copies double the weights' footprint.
 
 T = tokens, D = hidden, I = expert width, V = vocab.
@@ -24,11 +26,16 @@ from .feed_forward import SparseMoE
 from .model import HybridModel
 
 
+def one_row_mkl(x: torch.Tensor) -> bool:
+    """Whether this product takes MKL on the column-major weight: a single row, one thread."""
+    return x.numel() == x.shape[-1] and torch.get_num_threads() == 1
+
+
 class PackedLinear(nn.Linear):
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if x.numel() == x.shape[-1]:  # one row: MKL's matrix-vector product on the column-major weight
+        if one_row_mkl(x):
             return F.linear(x, self.weight)
         return cpu_linear.linear(x, self.packed)
 
@@ -38,7 +45,7 @@ class PackedSparseMoE(SparseMoE):
     packed_down: list[torch.Tensor]  # per expert, from [D, I]
 
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        if rows.shape[0] == 1:  # as for PackedLinear: the column-major weights through F.linear
+        if one_row_mkl(rows):
             return super().expert(e, rows)
         gate, up = cpu_linear.linear(rows, self.packed_gate_up[e]).chunk(2, dim=-1)
         return cpu_linear.linear(F.silu(gate) * up, self.packed_down[e])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+import time
 
 import torch
 
@@ -33,6 +34,27 @@ def engine_decode(engine: LLMEngine, np_: int, tokens: int) -> float:
     seconds = timed(lambda: [engine.step() for _ in range(tokens)])
     assert not engine.has_unfinished_requests()
     return np_ * tokens / seconds
+
+
+def engine_overhead(engine: LLMEngine, tokens: int) -> tuple[float, float]:
+    """(ms per engine decode step, ms of it spent outside ModelRunner.run) at np=1: the engine's own cost."""
+    run, inside = engine.runner.run, [0.0]
+
+    def timed_run(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = run(*args, **kwargs)
+        inside[0] += time.perf_counter() - t0
+        return out
+
+    engine.add_request("overhead", PROMPT, SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True))
+    while not engine.scheduler.running or not engine.scheduler.running[0].output_ids:
+        engine.step()  # prefill and the first token
+    engine.runner.run = timed_run
+    try:
+        total = timed(lambda: [engine.step() for _ in range(tokens)])
+    finally:
+        engine.runner.run = run
+    return 1e3 * total / tokens, 1e3 * (total - inside[0]) / tokens
 
 
 def plain_decode(engine: LLMEngine, slots: list[int], tokens: int) -> float:
@@ -67,11 +89,14 @@ def main() -> None:
         eng.append(engine_decode(engine, 1, args.tokens))
         plain.append(plain_decode(engine, [0], args.tokens))
     e, p = statistics.median(eng), statistics.median(plain)
+    step_ms, outside_ms = engine_overhead(engine, args.tokens)
     print("\n| np=1 decode | t/s (median of %d) |" % args.rounds)
     print("|---|---|")
     print(f"| plain single-sequence loop | {p:.2f} |")
     print(f"| engine (LLMEngine.step) | {e:.2f} |")
     print(f"| engine / plain | {e / p:.3f} |")
+    print(f"| engine time outside the model runner | {outside_ms * 1e3:.0f} us of a {step_ms:.1f} ms step "
+          f"({outside_ms / step_ms:.2%}) |")
 
     print("\n| np | aggregate decode t/s | per-sequence t/s |")
     print("|---|---|---|")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .cpu_decode import gated_delta_decode
+from . import cpu_native, reference
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_delta_net", "gated_delta_rule", "gated_rms_norm",
-           "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
+__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule",
+           "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
+
+NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
 
 
 def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_weight: torch.Tensor,
@@ -37,9 +38,18 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     beta = b.float().sigmoid()  # [T, H]
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # [T, H] log decay
     q, k, v = q.view(t, num_k_heads, k_head_dim), k.view(t, num_k_heads, k_head_dim), v.view(t, h, -1)
-    if t == len(batch.lens) and not batch.snapshots and not torch.is_grad_enabled():  # decodes only
-        return gated_delta_decode(q, k, v, g, beta, ssm_pool, batch.slot_ids, [p == 0 for p in batch.start_pos])
     return gated_delta_rule(q, k, v, g, beta, ssm_pool, batch)
+
+
+def gated_delta_net_decode(mixed: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer,
+                           conv_pool: torch.Tensor, ssm_pool: torch.Tensor, batch) -> torch.Tensor | None:
+    """Float32 CPU steps of one token per sequence: conv, gating, delta rule and the layer's gated norm in one
+    native call -> [B, H*Dv]. None where that does not apply (then: gated_delta_net and the layer's norm)."""
+    if mixed.is_cuda or mixed.shape[0] != len(batch.lens) or batch.snapshots:
+        return None
+    if not cpu_native.applies(mixed, conv_pool, ssm_pool):
+        return None
+    return cpu_native.gdn_decode(mixed, z, a, b, layer, conv_pool, ssm_pool, batch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -59,6 +69,8 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, norm) -> tuple[torch.Tensor, 
     if x.is_cuda:
         from .triton.rowwise import add_rms_norm as cuda_add_rms_norm
         return cuda_add_rms_norm(x, y, norm.weight, norm.eps)
+    if cpu_native.applies(x, y, norm.weight):
+        return cpu_native.add_rms_norm(x, y, norm.weight, norm.eps)
     x = x + y
     return x, norm(x)
 
@@ -88,22 +100,31 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(gate)
 
 
-# CUDA only: on CPU the layers keep their own torch code for these (layers/norm.py, feed_forward.py)
+# One call where a fast path exists (CUDA; float32 CPU); None tells the layer to run its own torch code
 
-def sparse_moe(x: torch.Tensor, moe) -> torch.Tensor:
-    """The whole SparseMoE block (router, routed experts, shared expert) of [T, D] rows; moe: the module."""
-    from .triton.moe import sparse_moe as cuda_sparse_moe
-    return cuda_sparse_moe(x, moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
-                           moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
+def sparse_moe(x: torch.Tensor, moe) -> torch.Tensor | None:
+    """The whole SparseMoE block (router, routed experts, shared expert) of [T, D] rows in one call: Triton on
+    CUDA, the native kernel for float32 CPU steps of few tokens; None elsewhere (the module's torch code)."""
+    if x.is_cuda:
+        from .triton.moe import sparse_moe as cuda_sparse_moe
+        return cuda_sparse_moe(x, moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
+                               moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
+    if x.shape[0] <= NATIVE_MAX_MOE_ROWS and cpu_native.applies(x, moe.experts_gate_up):
+        return cpu_native.moe_block(x, moe)
+    return None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero-centred RMSNorm of [R, D] or [R, B, D] rows."""
-    from .triton.rowwise import rms_norm as cuda_rms_norm
-    return cuda_rms_norm(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Zero-centred RMSNorm of [R, D] or [R, B, D] rows in one call (CUDA, float32 CPU); None elsewhere."""
+    if x.is_cuda:
+        from .triton.rowwise import rms_norm as cuda_rms_norm
+        return cuda_rms_norm(x, weight, eps)
+    if cpu_native.applies(x, weight):
+        return cpu_native.add_rms_norm(x, None, weight, eps)[1]
+    return None
 
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight * SiLU(z) over [R, B, D] rows, in z's dtype."""
+    """x / rms(x) * weight * SiLU(z) over [R, B, D] rows, in z's dtype (CUDA only; CPU: GatedRMSNorm's code)."""
     from .triton.rowwise import gated_rms_norm as cuda_gated_rms_norm
     return cuda_gated_rms_norm(x, z, weight, eps)

@@ -5,7 +5,7 @@ weight and swaps the module's class for a subclass whose forward uses it; nothin
 (parameter values, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
 for inference: the packed ops have no autograd, and weights changed after packing are not seen.
 
-With one torch thread, one-row products (decode of one sequence; experts hit by one token) go instead
+With one torch thread, one-row products (decode of one sequence) go instead
 to F.linear on the plain weight stored column-major ([in, out] memory, same values), which MKL streams
 at about 1.2x oneDNN's speed there; with more threads oneDNN is the faster one-row route too
 (benchmarks/RESULTS.md). The routes agree to rounding (~1e-6 relative, tested); the choice depends on
@@ -45,8 +45,6 @@ class PackedSparseMoE(SparseMoE):
     packed_down: list[torch.Tensor]  # per expert, from [D, I]
 
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        if one_row_mkl(rows):
-            return super().expert(e, rows)
         gate, up = cpu_linear.linear(rows, self.packed_gate_up[e]).chunk(2, dim=-1)
         return cpu_linear.linear(F.silu(gate) * up, self.packed_down[e])
 
@@ -65,16 +63,16 @@ def pack_for_cpu(model: HybridModel) -> bool:
     weight = model.embed.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_linear.available():
         return False
+    in_moe = {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.modules()}
     for module in model.modules():
         if type(module) is nn.Linear and module.bias is None:
             module.packed = cpu_linear.pack(module.weight)
-            module.weight.data = module.weight.data.t().contiguous().t()  # column-major, for one-row products
+            if id(module) not in in_moe:  # few-token MoE steps read row-major weights (kernels.sparse_moe)
+                module.weight.data = module.weight.data.t().contiguous().t()  # column-major, one-row products
             module.__class__ = PackedLinear
         elif type(module) is SparseMoE:
             module.packed_gate_up = [cpu_linear.pack(w) for w in module.experts_gate_up]
             module.packed_down = [cpu_linear.pack(w) for w in module.experts_down]
-            for p in (module.experts_gate_up, module.experts_down):  # each expert column-major
-                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
             module.__class__ = PackedSparseMoE
     if type(model) is HybridModel:
         model.packed_lm_head = cpu_linear.pack(weight) if model.lm_head is None else None

@@ -34,6 +34,9 @@ class GatedDeltaNet(nn.Module):
         t = x.shape[0]
         conv_dim = self.conv_weight.shape[0]
         mixed, z, b, a = self.in_proj(x).split([conv_dim, self.value_dim, self.h, self.h], dim=-1)
+        fused = kernels.gated_delta_net_decode(mixed, z, a, b, self, state[0], state[1], batch)
+        if fused is not None:  # CPU decode: conv .. gated norm in one call
+            return self.out_proj(fused)
         out = kernels.gated_delta_net(mixed, a, b, self.conv_weight, self.A_log, self.dt_bias, state[0], state[1],
                                       batch, self.hk, self.dk)  # [T, H, Dv]: conv, gating, delta rule by slot
         out = self.norm(out.to(x.dtype), z.view(t, self.h, self.dv))

@@ -17,8 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D]
-        if x.is_cuda:  # one fused launch ([R, D] or [R, B, D] rows)
-            return kernels.rms_norm(x, self.weight, self.eps)
+        fused = kernels.rms_norm(x, self.weight, self.eps)  # CUDA; float32 CPU ([R, D] or [R, B, D] rows)
+        if fused is not None:
+            return fused
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)

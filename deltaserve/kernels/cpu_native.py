@@ -1,0 +1,69 @@
+"""The C++ float32 CPU kernels of `csrc/cpu_ops.cpp` for few-token steps (issue 9).
+
+Built on first use with torch's extension builder (g++ and ninja; ~30 s once, then cached under
+~/.cache/torch_extensions). Where it cannot be built, `ops()` returns None and callers keep the torch
+path, which is also the oracle these kernels are tested against (tests/test_cpu_native.py).
+
+R = rows, K = inputs, N = outputs, B = sequences, C = conv channels, H = V heads, Dv = V head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_ops.cpp")
+
+
+@functools.cache
+def ops():
+    """The compiled module, or None (with one warning) where no C++ toolchain can build it."""
+    if os.environ.get("DELTASERVE_NO_NATIVE") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        return load("deltaserve_cpu_ops", [SOURCE], extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as err:  # no compiler / ninja: the torch path still runs, only slower
+        warnings.warn(f"deltaserve: CPU kernels not built ({err}); using the torch path")
+        return None
+
+
+def applies(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can take the native kernels: float32 on the CPU, no autograd, built."""
+    return (not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and ops() is not None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, K] . weight [N, K]^T -> [R, N]; weight row-major. For few rows (each row of the weight is
+    read once for up to 4 inputs)."""
+    return ops().linear(x.contiguous(), weight.contiguous())
+
+
+def moe_block(x: torch.Tensor, moe) -> torch.Tensor:
+    """The whole SparseMoE block (router, top-k, routed and shared SwiGLU experts) of x [R, D] -> [R, D]."""
+    return ops().moe_block(x.contiguous(), moe.router.weight, moe.experts_gate_up, moe.experts_down,
+                           moe.shared.gate_up.weight, moe.shared.down.weight, moe.shared_gate.weight, moe.top_k,
+                           moe.norm_topk)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, x / rms(x) * (1 + weight) of that sum) over the last dim; residual may be None."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    res = None if residual is None else residual.reshape(rows.shape).contiguous()
+    total, out = ops().add_rms_norm(rows, res, weight, eps)
+    return total.view(x.shape), out.view(x.shape)
+
+
+def gdn_decode(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.Tensor, batch) -> torch.Tensor:
+    """One token per sequence through a GatedDeltaNet layer between its two projections.
+
+    mixed [B, C] pre-conv q|k|v; z [B, H*Dv]; a, b [B, H]; layer: the GatedDeltaNet (conv weight, gates,
+    norm); pools updated in place at batch.slots. Returns the gated-RMS-normed output [B, H*Dv]."""
+    return ops().gdn_decode(mixed.contiguous(), z.contiguous(), a.contiguous(), b.contiguous(),
+                            layer.conv_weight, layer.A_log, layer.dt_bias, layer.norm.weight, layer.norm.eps,
+                            conv_pool, ssm_pool, batch.slots, batch.reset, layer.hk, layer.dk)

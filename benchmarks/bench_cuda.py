@@ -9,12 +9,13 @@ Two configs with real layer dimensions and RANDOM bf16 weights (HF's initialisat
 deltaserve's model is built from the HF model's tensors (shared storage where layouts agree).
 
 Per config: decode step time at np = 1, 8, 64, 256 (ModelRunner.run + greedy argmax, CUDA graphs; context
-128-140 tokens), prefill tokens/s (4 x 1024 tokens in one step), the HBM roofline of each decode step and
-the ratio to it, and HF transformers (its default attention and experts code, fla kernels for the delta rule)
-timed the same way. Roofline bytes: every weight once (routed experts: the expected number hit under uniform
-routing, E(1-(1-k/E)^np); embedding: np rows, or the whole table once when tied as the LM head), each
-sequence's delta-rule state and conv window read and written, its KV read plus one row written, fp32 logits
-written; divided by the device-to-device copy bandwidth measured here (bytes read + written).
+128-140 tokens) and a bare replay of that step's graph (step minus replay: host work the GPU waits for),
+prefill tokens/s (4 x 1024 tokens in one step), the HBM roofline of each decode step and the ratio to it,
+and HF transformers (its default attention and experts code, fla kernels for the delta rule) timed the same way.
+Roofline bytes: every weight once (routed experts: the expected number hit under uniform routing,
+E(1-(1-k/E)^np); embedding: np rows, or the whole table once when tied as the LM head), each sequence's
+delta-rule state and conv window read and written, its KV read plus one row written, fp32 logits written;
+divided by the device-to-device copy bandwidth measured here (bytes read + written).
 
 Run: python benchmarks/bench_cuda.py [--configs qwen3.5-2b qwen3-next-8l] [--out results.json]
 """
@@ -109,7 +110,8 @@ def decode_bytes(model: HybridModel, cfg: ModelConfig, np_: int, ctx: int) -> fl
     return total + np_ * (gdn * 2 * state + attn * (ctx + 1) * kv_row + cfg.vocab_size * 4)
 
 
-def ours_decode(runner: ModelRunner, vocab: int, np_: int) -> tuple[float, int]:
+def ours_decode(runner: ModelRunner, vocab: int, np_: int) -> tuple[float, int, float | None]:
+    """(step time, context reached, time of a bare replay of the step's CUDA graph or None without graphs)."""
     gen = torch.Generator().manual_seed(np_)
     prompts = torch.randint(vocab, (np_, PROMPT), generator=gen).tolist()
     toks = torch.cat(runner.run([Segment(p, 0, s) for s, p in enumerate(prompts)])).argmax(-1).tolist()
@@ -122,7 +124,11 @@ def ours_decode(runner: ModelRunner, vocab: int, np_: int) -> tuple[float, int]:
 
     for _ in range(WARM):
         step()
-    return sync_time(step, STEPS), pos
+    t = sync_time(step, STEPS)
+    if runner.graphs is None:
+        return t, pos, None
+    graph = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= np_)][0]
+    return t, pos, sync_time(graph.replay, STEPS)
 
 
 def hf_decode(hf, vocab: int, np_: int) -> float:
@@ -157,9 +163,9 @@ def run_config(name: str, bandwidth: float, hf_too: bool) -> dict:
     res["parity_top1"] = float((mine.argmax(-1) == theirs.argmax(-1)).float().mean())
     res["parity_max_abs"] = float((mine - theirs).abs().max())
     for np_ in NPS:
-        t, ctx = ours_decode(runner, cfg.vocab_size, np_)
+        t, ctx, replay = ours_decode(runner, cfg.vocab_size, np_)
         roof = decode_bytes(ours, cfg, np_, ctx) / bandwidth
-        row = {"np": np_, "ours_ms": t * 1e3, "roof_ms": roof * 1e3, "ratio": t / roof}
+        row = {"np": np_, "ours_ms": t * 1e3, "replay_ms": replay * 1e3, "roof_ms": roof * 1e3, "ratio": t / roof}
         if hf_too:
             row["hf_ms"] = hf_decode(hf, cfg.vocab_size, np_) * 1e3
         res["decode"].append(row)
@@ -182,12 +188,13 @@ def run_config(name: str, bandwidth: float, hf_too: bool) -> dict:
 def table(results: list[dict], bandwidth: float) -> str:
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), "
              f"torch {torch.__version__}, commit {commit()}, {datetime.date.today()}; random bf16 weights", "",
-             "| config | np | deltaserve ms/step | tok/s | roofline ms | x roofline | HF ms/step | HF / deltaserve |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | np | deltaserve ms/step | graph replay ms | tok/s | roofline ms | x roofline | HF ms/step | "
+             "HF / deltaserve |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for d in r["decode"]:
             hf, speedup = ("-", "-") if "hf_ms" not in d else (f"{d['hf_ms']:.1f}", f"{d['hf_ms'] / d['ours_ms']:.1f}")
-            lines.append(f"| {r['config']} | {d['np']} | {d['ours_ms']:.2f} | {d['np'] / d['ours_ms'] * 1e3:.0f} | "
+            lines.append(f"| {r['config']} | {d['np']} | {d['ours_ms']:.2f} | {d['replay_ms']:.2f} | "
+                         f"{d['np'] / d['ours_ms'] * 1e3:.0f} | "
                          f"{d['roof_ms']:.2f} | {d['ratio']:.2f} | {hf} | {speedup} |")
     lines += ["", "| config | prefill t/s deltaserve | prefill t/s HF | eager np=1 ms (no graphs) | "
               "top-1 agreement with HF (64 tokens) |", "|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Kernel variants on CUDA, timed in one run (issue 7): the measurements behind the choices in kernels/triton.
 
 1. Recurrent delta-rule decode kernel: V-block width BV (state bytes moved / time).
+0. One-row products (decode np=1): the Triton GEMV vs cuBLAS on every weight shape of bench_cuda's models.
 2. Decode attention: Triton split-K over the KV cache by slot vs gather + SDPA (the reference's way).
 3. Prefill attention: Triton varlen over the cache vs padded gather + SDPA with a causal mask.
 4. Routed experts from router logits: Triton (route, layout, grouped matmuls) vs torch ops + torch._grouped_mm.
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from deltaserve.kernels.triton.attention import decode_attention, prefill_attention
+from deltaserve.kernels.triton.linear import linear
 from deltaserve.kernels.triton.moe import expert_layout, grouped_matmul, route
 from deltaserve.kernels.triton.recurrent import gdn_recurrent_fwd
 
@@ -27,16 +29,34 @@ def ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def gemv(rows: list[str]) -> None:
+    shapes = {"qwen3.5-2b": [(8224, 2048), (2048, 2048), (5120, 2048), (12288, 2048), (2048, 6144), (248320, 2048)],
+              "qwen3-next-8l": [(12352, 2048), (2048, 4096), (9216, 2048), (512, 2048), (1024, 2048), (2048, 512),
+                                (151936, 2048)]}
+    for model, mats in shapes.items():
+        for n, k in mats:
+            ws = [torch.randn(n, k, dtype=BF16, device=DEV) for _ in range(4)]  # rotated: weights never in L2
+            x = torch.randn(1, k, dtype=BF16, device=DEV)
+            times = {}
+            for name, fn in (("cuBLAS", F.linear), ("Triton", linear)):
+                it = iter(range(10 ** 9))
+                times[name] = ms(lambda fn=fn, it=it, ws=ws, x=x: fn(x, ws[next(it) % 4]))
+            gbs = {name: n * k * 2 / t / 1e6 for name, t in times.items()}
+            rows.append(f"| one-row linear | {model} {n} x {k} | Triton {times['Triton'] * 1e3:.1f} us "
+                        f"({gbs['Triton']:.0f} GB/s) | cuBLAS {times['cuBLAS'] * 1e3:.1f} us "
+                        f"({gbs['cuBLAS']:.0f} GB/s) |")
+
+
 def recurrent(rows: list[str]) -> None:
     hk, h, dk, dv = 16, 32, 128, 128
-    for b in (1, 64, 256):
+    for b in (1, 8, 64, 256):
         pool = torch.randn(b + 1, h, dk, dv, device=DEV)
         x = torch.randn(b, 2 * hk * dk + h * dv, dtype=BF16, device=DEV)
         ab = torch.randn(b, 2 * h, dtype=BF16, device=DEV)
         a_log, dt = torch.rand(h, device=DEV), torch.randn(h, device=DEV)
         slots, reset, cu = torch.randperm(b + 1, device=DEV)[:b], torch.zeros(b, dtype=torch.bool, device=DEV), \
             torch.arange(b + 1, device=DEV)
-        for bv in (8, 16, 32):
+        for bv in (16, 32):
             t = ms(lambda: gdn_recurrent_fwd(x, ab[:, :h], ab[:, h:], a_log, dt, pool, cu, slots, reset, hk, bv=bv))
             gbs = 2 * b * h * dk * dv * 4 / t / 1e6
             rows.append(f"| recurrent decode | np={b} BV={bv} | {t * 1e3:.1f} us | {gbs:.0f} GB/s of state |")
@@ -119,7 +139,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
             "| kernel | shape | time | other |", "|---|---|---|---|"]
-    for part in (recurrent, attention, moe):
+    for part in (gemv, recurrent, attention, moe):
         part(rows)
     print("\n".join(rows))
 

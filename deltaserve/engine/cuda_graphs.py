@@ -27,36 +27,43 @@ class DecodeGraphs:
         self.sizes = [s for s in CAPTURE_SIZES if s < limit] + [limit]
         top = self.sizes[-1]
         self.host = torch.zeros(3, top, dtype=torch.long, pin_memory=True)  # rows: token ids, positions, slots
+        self.host_np = self.host.numpy()  # filled in place each step (no per-step tensors)
         self.inputs = torch.zeros(3, top, dtype=torch.long, device=device)
         self.reset = torch.zeros(top, dtype=torch.bool, device=device)
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch]] = {}  # the batch keeps its tensors alive
-        self.logits: torch.Tensor | None = None  # [top, V] float32, written by every replay
+        self.logits: torch.Tensor | None = None  # [top, V] in the model's dtype, written by every replay
 
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
         """Each segment's logits ([1, V] float32, input order), or None when this step is not a plain decode."""
         n = len(segments)
-        if n > self.sizes[-1] or any(len(s.token_ids) != 1 or s.num_logits != 1 or s.snapshot_slots for s in segments):
+        if n > self.sizes[-1]:
             return None
-        self._check(segments)
+        ids, pos, slots = [], [], []
+        for s in segments:
+            if len(s.token_ids) != 1 or s.num_logits != 1 or s.snapshot_slots:
+                return None
+            ids.append(s.token_ids[0])
+            pos.append(s.start_pos)
+            slots.append(s.slot)
+        self._check(slots, pos)
         if not self.graphs:
             self._capture()
         size = next(s for s in self.sizes if s >= n)
         self.copied.synchronize()  # the last step's copy has read the pinned buffer
-        self.host[:, :size] = torch.tensor([[s.token_ids[0] for s in segments] + [0] * (size - n),
-                                            [s.start_pos for s in segments] + [0] * (size - n),
-                                            [s.slot for s in segments] + [-1] * (size - n)])
+        host = self.host_np
+        host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
+        host[:2, n:size], host[2, n:size] = 0, -1  # padding rows
         self.inputs[:, :size].copy_(self.host[:, :size], non_blocking=True)
         self.copied.record()
         self.graphs[size][0].replay()
-        return list(self.logits[:n].clone().split(1))
+        return list(self.logits[:n].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
 
-    def _check(self, segments: list[Segment]) -> None:
+    def _check(self, slots: list[int], pos: list[int]) -> None:
         """The guards build_batch would apply: a bad slot or position must not reach a kernel."""
-        slots = [s.slot for s in segments]
-        if len(set(slots)) != len(slots) or not all(0 <= s < self.cache.max_num_seqs for s in slots):
+        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.cache.max_num_seqs:
             raise BatchError(f"decode slots {slots} must be distinct and in [0, {self.cache.max_num_seqs})")
-        if not all(0 <= s.start_pos < self.cache.max_model_len for s in segments):
+        if min(pos) < 0 or max(pos) >= self.cache.max_model_len:
             raise BatchError(f"decode positions must be in [0, {self.cache.max_model_len})")
 
     def _batch(self, size: int) -> ForwardBatch:
@@ -70,16 +77,21 @@ class DecodeGraphs:
                                    reset=reset, groups=[group])
 
     def _forward(self, batch: ForwardBatch) -> None:
+        from ..kernels.triton.linear import linear
+
         size = batch.slots.shape[0]
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
-        self.logits[:size].copy_(self.model.logits(self.model(batch, self.cache)))
+        model = self.model
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight  # as HybridModel.logits
+        linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
 
     @torch.inference_mode()
     def _capture(self) -> None:
         top = self.sizes[-1]
         self.host[0], self.host[1], self.host[2] = 0, 0, -1  # every row padding: capture touches no state
         self.inputs.copy_(self.host)
-        self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=torch.float32, device=self.device)
+        self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=self.model.embed.weight.dtype,
+                                  device=self.device)
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             batch = self._batch(size)

@@ -23,6 +23,11 @@ S, K = 16, 4
 # 128-wide heads spills so much that compiling its autotune configs takes many minutes
 DIMS = {torch.float32: (2, 4, 32, 32), torch.bfloat16: (16, 32, 128, 128)}  # Hk, H, Dk, Dv
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# Prefill segments run fla-core's chunked kernel, whose triangular solve (fla/ops/gated_delta_rule/chunk_fwd.py,
+# SOLVE_TRIL_DOT_PRECISION) multiplies in tf32 on Ampere and newer whatever the input dtype (the likely cause;
+# not isolated): float32 outputs of cases with a prefill segment measured 1.0e-5 to 4.1e-5 on an H100
+# (2026-11-27). Cases of decode and verify segments only (our recurrent kernel) keep 1e-5.
+TOL_FP32_CHUNKED = 1e-4
 
 
 def varlen(seed: int, n: int = 12):
@@ -88,7 +93,8 @@ def test_gated_delta_net_matches_reference(case, dtype, check):
     before = [x.clone() for x in dev_in[4:]]
     ref_out = run_gdn(DIMS[dtype], *ref_in, build_batch(segs, S))
     out = run_gdn(DIMS[dtype], *dev_in, build_batch(segs, S, "cuda"))
-    tol = TOL[dtype]
+    chunked = any(len(s.token_ids) > 1 and not s.snapshot_slots for s in segs)
+    tol = TOL_FP32_CHUNKED if dtype == torch.float32 and chunked else TOL[dtype]
     check(f"gdn {case} {dtype} output", out, ref_out, tol)
     used = sorted({s.slot for s in segs} | {x for s in segs for x in s.snapshot_slots})
     check(f"gdn {case} {dtype} conv windows", dev_in[4][used], ref_in[4][used], tol)

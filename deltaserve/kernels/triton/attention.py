@@ -7,6 +7,7 @@ S = KV slots, M = max_model_len, NS = key splits of a decode row.
   head over one split of the keys, a second kernel merges the splits by their log-sum-exp.
 - prefill (any segment lengths): one program per (block of a segment's queries, query head), keys
   [0, position] of its slot, online softmax.
+Both walk the keys with the same online-softmax loop, `_attend` (causal mask for prefill only).
 Reference: `deltaserve.kernels.reference.attention`.
 """
 
@@ -32,6 +33,34 @@ def store_kv_kernel(k, v, stride_k, stride_v, k_cache, v_cache, token_slots, pos
 
 
 @triton.jit
+def _attend(b_q, q_pos, k_cache, v_cache, base, lo, hi, scale, o_d, m_d, QB: tl.constexpr, BD: tl.constexpr,
+            G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of queries b_q [QB, BD] over keys [lo, hi) of one KV head (cache offset `base`);
+    CAUSAL: query i sees key n only if n <= q_pos[i]. Returns (acc [QB, BD] unnormalised, max [QB], sum [QB])."""
+    b_m = tl.full([QB], float("-inf"), tl.float32)
+    b_l = tl.zeros([QB], tl.float32)
+    acc = tl.zeros([QB, BD], tl.float32)
+    for n0 in range(lo, hi, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < hi
+        p_kv = base + o_n[:, None].to(tl.int64) * G * D + o_d[None, :]
+        b_k = tl.load(k_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale  # [QB, BN]
+        if CAUSAL:
+            b_s = tl.where(m_n[None, :] & (o_n[None, :] <= q_pos[:, None]), b_s, float("-inf"))
+        else:
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_p = tl.exp(b_s - m_new[:, None])
+        alpha = tl.exp(b_m - m_new)
+        b_v = tl.load(v_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_m = m_new
+    return acc, b_m, b_l
+
+
+@triton.jit
 def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, slots, positions, o_part, lse_part, scale, M,
                         H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
                         BN: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
@@ -47,24 +76,8 @@ def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, slots, positi
     heads = i_g * R + o_r
     b_q = tl.load(q + i_b * stride_qt + heads[:, None] * stride_qh + o_d[None, :],
                   mask=m_r[:, None] & m_d[None, :], other=0.)
-    b_m = tl.full([RP], float("-inf"), tl.float32)
-    b_l = tl.zeros([RP], tl.float32)
-    acc = tl.zeros([RP, BD], tl.float32)
-    base = slot * M * G * D + i_g * D
-    for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        m_n = o_n < hi
-        p_kv = base + o_n[:, None].to(tl.int64) * G * D + o_d[None, :]
-        b_k = tl.load(k_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale  # [RP, BN]
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_p = tl.exp(b_s - m_new[:, None])
-        alpha = tl.exp(b_m - m_new)
-        b_v = tl.load(v_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
-        b_m = m_new
+    acc, b_m, b_l = _attend(b_q, o_r, k_cache, v_cache, slot * M * G * D + i_g * D, lo, hi, scale, o_d, m_d,
+                            QB=RP, BD=BD, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
     part = (i_b * H + heads) * NS + i_s  # [RP] rows of the partial results
     tl.store(o_part + part[:, None] * BD + o_d[None, :], acc / tl.maximum(b_l, 1e-30)[:, None], mask=m_r[:, None])
     tl.store(lse_part + part, tl.where(b_l > 0, b_m + tl.log(b_l), float("-inf")), mask=m_r)
@@ -100,25 +113,9 @@ def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, out, cu_seqlens, s
         q_pos = start + (o_m - bos)
         b_q = tl.load(q + o_m[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
                       mask=m_m[:, None] & m_d[None, :], other=0.)
-        b_m = tl.full([BM], float("-inf"), tl.float32)
-        b_l = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, BD], tl.float32)
         hi = start + tl.minimum(q0 + BM, eos) - bos  # keys [0, hi) cover every query of the block
-        base = slot * M * G * D + i_g * D
-        for n0 in range(0, hi, BN):
-            o_n = n0 + tl.arange(0, BN)
-            m_n = o_n < hi
-            p_kv = base + o_n[:, None].to(tl.int64) * G * D + o_d[None, :]
-            b_k = tl.load(k_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale  # [BM, BN]
-            b_s = tl.where(m_n[None, :] & (o_n[None, :] <= q_pos[:, None]), b_s, float("-inf"))
-            m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-            b_p = tl.exp(b_s - m_new[:, None])
-            alpha = tl.exp(b_m - m_new)
-            b_v = tl.load(v_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-            b_l = b_l * alpha + tl.sum(b_p, axis=1)
-            b_m = m_new
+        acc, _, b_l = _attend(b_q, q_pos, k_cache, v_cache, slot * M * G * D + i_g * D, 0, hi, scale, o_d, m_d,
+                              QB=BM, BD=BD, G=G, D=D, BN=BN, CAUSAL=True, PREC=PREC)
         res = acc / tl.maximum(b_l, 1e-30)[:, None]
         tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], res.to(out.dtype.element_ty),
                  mask=m_m[:, None] & m_d[None, :])

@@ -16,10 +16,10 @@ Reference: `SparseMoE.forward` on CPU (layers/feed_forward.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .linear import linear
 from .rowwise import gate_mul
 
 
@@ -173,14 +173,14 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, dow
     t, d = x.shape
     e = router.shape[0]
     work = torch.zeros(2, e, dtype=torch.int32, device=x.device)  # pair counts and fill per expert
-    weights, experts = route(F.linear(x, router), top_k, norm_topk, work[0])
+    weights, experts = route(linear(x, router), top_k, norm_topk, work[0])
     layout = expert_layout(experts.view(-1), work[0], work[1])
     hidden = grouped_matmul(x, gate_up, gate_up.shape[1] // 2, layout, top_k)  # [P, I], expert order
     y = grouped_matmul(hidden, down, d, layout, top_k, pair_scale=weights.view(-1))  # [P, D], pair order
-    h = F.linear(x, shared_gate_up)
-    shared = F.linear(gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False), shared_down)
+    h = linear(x, shared_gate_up)
+    shared = linear(gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False), shared_down)
     out = torch.empty_like(x)
     bd = min(1024, triton.next_power_of_2(d))
-    combine_kernel[(t, triton.cdiv(d, bd))](y, shared, F.linear(x, shared_gate), out, d, K=top_k, BD=bd,
+    combine_kernel[(t, triton.cdiv(d, bd))](y, shared, linear(x, shared_gate), out, d, K=top_k, BD=bd,
                                             num_warps=4)
     return out

@@ -4,14 +4,21 @@ Random Qwen3-Next checkpoint of 338M parameters (benchmarks/common.py), float32,
 32 new tokens: prefill t/s, decode t/s with 1 and with 8 sequences, ratios to HF, and the
 decode step's bandwidth roofline (bytes one step must read / copy bandwidth measured here).
 
-Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3] [--threads 2]
+Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3] [--threads 2] [--base REV]
+--base REV also runs deltaserve as of git revision REV (exported to /tmp, own process) in every round:
+the before/after ratio of a change, measured under the same machine noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -92,25 +99,50 @@ def ours(path, tokens: int) -> dict:
     return out
 
 
+def base_numbers(rev: str, path: Path, tokens: int, threads: int) -> dict:
+    """`ours` with deltaserve as of git revision rev, in a child process."""
+    tree = Path(f"/tmp/deltaserve-base-{rev}")
+    if not tree.exists():
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", rev], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    cmd = [sys.executable, __file__, "--child", str(path), "--tokens", str(tokens), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.splitlines()[-1])
+    assert result.pop("module").startswith(str(tree)), "the child imported the wrong deltaserve"
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = torch's default)")
+    ap.add_argument("--base", help="also run deltaserve as of this git revision")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # checkpoint path: run `ours` only, print JSON
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        import deltaserve
+        print(json.dumps({**ours(Path(args.child), args.tokens), "module": deltaserve.__file__}))
+        return
     path = bench_checkpoint()
-    rows = {"deltaserve": [], "HF transformers": []}
-    for _ in range(args.rounds):  # alternate, so both see the same machine noise
+    rows = {"deltaserve": [], "HF transformers": []} | ({f"deltaserve {args.base}": []} if args.base else {})
+    bws = []
+    for _ in range(args.rounds):  # alternate, so all see the same machine noise
         rows["deltaserve"].append(ours(path, args.tokens))
         rows["HF transformers"].append(hf_numbers(path, args.tokens))
+        if args.base:
+            rows[f"deltaserve {args.base}"].append(base_numbers(args.base, path, args.tokens, args.threads))
+        bws.append(copy_bandwidth())
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
-    bw, step_bytes = copy_bandwidth(), decode_bytes(BENCH_CONFIG)
+    bw, step_bytes = statistics.median(bws), decode_bytes(BENCH_CONFIG)
     roof = bw / step_bytes
     print(f"# {machine()} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M, F32, "
           f"prompt {PROMPT}, {args.tokens} new tokens, median of {args.rounds}")
-    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s; decode step reads {step_bytes / 1e6:.0f} MB -> roofline {roof:.1f} t/s")
+    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s (median; per round {', '.join(f'{b / 1e9:.1f}' for b in bws)}); decode step reads {step_bytes / 1e6:.0f} MB -> roofline {roof:.1f} t/s")
     print("\n| | prefill t/s | decode t/s, 1 sequence | decode t/s, 8 sequences |\n|---|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {m['prefill']:.1f} | {m['decode1']:.2f} | {m['decode8']:.2f} |")
@@ -118,6 +150,10 @@ def main() -> None:
     print(f"| deltaserve / HF | {o['prefill'] / h['prefill']:.2f}x | {o['decode1'] / h['decode1']:.2f}x | "
           f"{o['decode8'] / h['decode8']:.2f}x |")
     print(f"| deltaserve / roofline (np=1) | | {o['decode1'] / roof:.2f} | |")
+    if args.base:
+        b = med[f"deltaserve {args.base}"]
+        print(f"| deltaserve / deltaserve {args.base} | {o['prefill'] / b['prefill']:.2f}x | "
+              f"{o['decode1'] / b['decode1']:.2f}x | {o['decode8'] / b['decode8']:.2f}x |")
 
 
 if __name__ == "__main__":

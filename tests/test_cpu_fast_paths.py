@@ -49,16 +49,17 @@ def test_linear_row_independent_of_batch(threads):
         torch.set_num_threads(old)
 
 
-def test_one_row_route_agrees_with_batched_rows():
-    """Single rows take MKL on the column-major weight, batches oneDNN: a row agrees across both to 1e-6."""
+def test_few_row_route_agrees_with_batched_rows():
+    """One or two rows take the native kernel, more oneDNN: a row agrees across both to 1e-6."""
     layer = torch.nn.Linear(512, 700, bias=False)
     x = torch.randn(8, 512)
     with torch.no_grad():
         ref = layer(x)
         assert pack_for_cpu_linear(layer)
-        alone, batched = torch.cat([layer(x[i:i + 1]) for i in range(8)]), layer(x)
+        alone, pairs, batched = torch.cat([layer(x[i:i + 1]) for i in range(8)]), layer(x[:2]), layer(x)
     torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone, batched, rtol=1e-6, atol=1e-5)
+    assert torch.equal(alone[:2], pairs)
 
 
 def pack_for_cpu_linear(layer: torch.nn.Linear) -> bool:
@@ -112,16 +113,3 @@ def test_unpack_restores_plain_model(model_pair):
     assert [type(m) for m in packed.modules()] == [type(m) for m in plain.modules()]
     assert all(p.is_contiguous() for p in packed.parameters())
     assert not hasattr(packed, "packed_lm_head")
-
-
-def test_expert_one_row_route_agrees_with_batched_rows(model_pair):
-    plain, packed, cfg = model_pair
-    if not cfg.num_experts:
-        pytest.skip("dense model")
-    moe = next(m for m in packed.modules() if type(m) is PackedSparseMoE)
-    ref = next(m for m in plain.modules() if type(m).__name__ == "SparseMoE")
-    x = torch.randn(5, cfg.hidden_size)
-    with torch.no_grad():
-        alone = torch.cat([moe.expert(3, x[i:i + 1]) for i in range(5)])
-        torch.testing.assert_close(alone, ref.expert(3, x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(alone, moe.expert(3, x), rtol=1e-6, atol=1e-5)

@@ -25,7 +25,10 @@ def ops():
         return None
     try:
         from torch.utils.cpp_extension import load
-        return load("deltaserve_cpu_ops", [SOURCE], extra_cflags=["-O3", "-march=native"], verbose=False)
+        # -fopenmp: at::parallel_for is header code, threaded only when compiled with OpenMP; the library
+        # resolves to the libgomp torch already loaded, so both share one thread pool
+        return load("deltaserve_cpu_ops", [SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler / ninja: the torch path still runs, only slower
         warnings.warn(f"deltaserve: CPU kernels not built ({err}); using the torch path")
         return None

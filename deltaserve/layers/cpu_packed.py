@@ -2,15 +2,13 @@
 
 `pack_for_cpu(model)` gives every bias-free nn.Linear and every MoE expert a packed copy of its F32
 weight and swaps the module's class for a subclass whose forward uses it; nothing else changes
-(parameter values, state_dict, the torch code around the matmuls). `unpack` swaps back. Packing is
-for inference: the packed ops have no autograd, and weights changed after packing are not seen.
+(parameter values and layout, state_dict, the torch code around the matmuls). `unpack` swaps back.
+Packing is for inference: the packed ops have no autograd, and weights changed after packing are not seen.
 
-With one torch thread, one-row products (decode of one sequence) go instead
-to F.linear on the plain weight stored column-major ([in, out] memory, same values), which MKL streams
-at about 1.2x oneDNN's speed there; with more threads oneDNN is the faster one-row route too
-(benchmarks/RESULTS.md). The routes agree to rounding (~1e-6 relative, tested); the choice depends on
-the thread count only, never on the batch.
-Memory: the packed copies double the weights' footprint.
+Products of one or two rows (decode of one or two sequences) go instead to the native kernel on the
+plain row-major weight (kernels/cpu_native.py), which streams it faster there; from three rows on the
+product is compute-bound on this class of CPU and oneDNN's kernels are the faster (benchmarks/RESULTS.md).
+The routes agree to rounding (~1e-6 relative, tested). Memory: the packed copies double the weights' footprint.
 
 T = tokens, D = hidden, I = expert width, V = vocab.
 """
@@ -21,23 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_linear
+from ..kernels import cpu_linear, cpu_native
 from .feed_forward import SparseMoE
 from .model import HybridModel
 
+NATIVE_MAX_ROWS = 2  # products of up to this many rows take the native kernel
 
-def one_row_mkl(x: torch.Tensor) -> bool:
-    """Whether this product takes MKL on the column-major weight: a single row, one thread."""
-    return x.numel() == x.shape[-1] and torch.get_num_threads() == 1
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+    if x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and cpu_native.applies(x):
+        return cpu_native.linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+    return cpu_linear.linear(x, packed)
 
 
 class PackedLinear(nn.Linear):
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if one_row_mkl(x):
-            return F.linear(x, self.weight)
-        return cpu_linear.linear(x, self.packed)
+        return linear(x, self.weight, self.packed)
 
 
 class PackedSparseMoE(SparseMoE):
@@ -55,7 +54,7 @@ class PackedHybridModel(HybridModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [R, D] -> [R, V] float32
         if self.lm_head is not None:
             return self.lm_head(hidden).float()
-        return cpu_linear.linear(hidden, self.packed_lm_head).float()
+        return linear(hidden, self.embed.weight, self.packed_lm_head).float()
 
 
 def pack_for_cpu(model: HybridModel) -> bool:
@@ -63,12 +62,9 @@ def pack_for_cpu(model: HybridModel) -> bool:
     weight = model.embed.weight
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_linear.available():
         return False
-    in_moe = {id(m) for moe in model.modules() if type(moe) is SparseMoE for m in moe.modules()}
     for module in model.modules():
         if type(module) is nn.Linear and module.bias is None:
             module.packed = cpu_linear.pack(module.weight)
-            if id(module) not in in_moe:  # few-token MoE steps read row-major weights (kernels.sparse_moe)
-                module.weight.data = module.weight.data.t().contiguous().t()  # column-major, one-row products
             module.__class__ = PackedLinear
         elif type(module) is SparseMoE:
             module.packed_gate_up = [cpu_linear.pack(w) for w in module.experts_gate_up]
@@ -81,11 +77,8 @@ def pack_for_cpu(model: HybridModel) -> bool:
 
 
 def unpack(model: HybridModel) -> None:
-    """Undoes `pack_for_cpu`: the plain torch path and row-major weights again, packed copies freed."""
+    """Undoes `pack_for_cpu`: the plain torch path again, packed copies freed."""
     for module in model.modules():
-        if type(module) in (PackedLinear, PackedSparseMoE):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.contiguous()
         for packed_cls, cls, attrs in ((PackedLinear, nn.Linear, ["packed"]),
                                        (PackedSparseMoE, SparseMoE, ["packed_gate_up", "packed_down"]),
                                        (PackedHybridModel, HybridModel, ["packed_lm_head"])):

@@ -60,6 +60,7 @@ def test_few_row_route_agrees_with_batched_rows():
     torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(alone, batched, rtol=1e-6, atol=1e-5)
     assert torch.equal(alone[:2], pairs)
+    assert layer(x[:0]).shape == (0, 700)
 
 
 def pack_for_cpu_linear(layer: torch.nn.Linear) -> bool:

@@ -109,7 +109,7 @@ def sparse_moe(x: torch.Tensor, moe) -> torch.Tensor | None:
         from .triton.moe import sparse_moe as cuda_sparse_moe
         return cuda_sparse_moe(x, moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
                                moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
-    if x.shape[0] <= NATIVE_MAX_MOE_ROWS and cpu_native.applies(x, moe.experts_gate_up):
+    if 0 < x.shape[0] <= NATIVE_MAX_MOE_ROWS and cpu_native.applies(x, moe.experts_gate_up):
         return cpu_native.moe_block(x, moe)
     return None
 

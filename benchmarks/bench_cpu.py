@@ -5,8 +5,9 @@ Random Qwen3-Next checkpoint of 338M parameters (benchmarks/common.py), float32,
 decode step's bandwidth roofline (bytes one step must read / copy bandwidth measured here).
 
 Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3] [--threads 2] [--base REV]
---base REV also runs deltaserve as of git revision REV (exported to /tmp, own process) in every round:
-the before/after ratio of a change, measured under the same machine noise.
+--base REV also runs deltaserve as of git revision REV (exported to /tmp) in every round: the
+before/after ratio of a change under the same machine noise. Both deltaserve versions then run in
+child processes, so that neither inherits the other's process state.
 """
 
 from __future__ import annotations
@@ -99,13 +100,15 @@ def ours(path, tokens: int) -> dict:
     return out
 
 
-def base_numbers(rev: str, path: Path, tokens: int, threads: int) -> dict:
-    """`ours` with deltaserve as of git revision rev, in a child process."""
-    tree = Path(f"/tmp/deltaserve-base-{rev}")
-    if not tree.exists():
-        tree.mkdir()
-        archive = subprocess.run(["git", "archive", rev], capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+def child_numbers(rev: str | None, path: Path, tokens: int, threads: int) -> dict:
+    """`ours` in a child process, with deltaserve as of git revision rev (None: this tree)."""
+    tree = Path(__file__).resolve().parent.parent
+    if rev:
+        tree = Path(f"/tmp/deltaserve-base-{rev}")
+        if not tree.exists():
+            tree.mkdir()
+            archive = subprocess.run(["git", "archive", rev], capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     cmd = [sys.executable, __file__, "--child", str(path), "--tokens", str(tokens), "--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -131,11 +134,14 @@ def main() -> None:
     path = bench_checkpoint()
     rows = {"deltaserve": [], "HF transformers": []} | ({f"deltaserve {args.base}": []} if args.base else {})
     bws = []
-    for _ in range(args.rounds):  # alternate, so all see the same machine noise
-        rows["deltaserve"].append(ours(path, args.tokens))
-        rows["HF transformers"].append(hf_numbers(path, args.tokens))
+    for i in range(args.rounds):  # alternate, so all see the same machine noise
         if args.base:
-            rows[f"deltaserve {args.base}"].append(base_numbers(args.base, path, args.tokens, args.threads))
+            for rev in (None, args.base)[::1 if i % 2 else -1]:  # and alternate which runs first
+                rows[f"deltaserve {rev}" if rev else "deltaserve"].append(
+                    child_numbers(rev, path, args.tokens, args.threads))
+        else:
+            rows["deltaserve"].append(ours(path, args.tokens))
+        rows["HF transformers"].append(hf_numbers(path, args.tokens))
         bws.append(copy_bandwidth())
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
     bw, step_bytes = statistics.median(bws), decode_bytes(BENCH_CONFIG)

@@ -12,6 +12,7 @@ from deltaserve import kernels
 from deltaserve.config import ModelConfig
 from deltaserve.engine.batch import Segment, build_batch
 from deltaserve.kernels import cpu_native
+from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.gated_deltanet import GatedDeltaNet
 from tiny_models import tiny_config
@@ -149,3 +150,37 @@ def test_gdn_decode_not_taken_for_prefill_or_grad():
     assert kernels.gated_delta_net_decode(mixed, None, None, None, layer, conv, ssm, prefill) is None
     with torch.enable_grad():
         assert not cpu_native.applies(mixed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
+def test_attention_decode_matches_torch_path(case, arch, threads, monkeypatch):
+    slots, starts = CASES[case]
+    cfg = ModelConfig.from_dict(tiny_config(arch, model_type=arch))
+    torch.manual_seed(2)
+    layer = GatedAttention(cfg).eval()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    shape = (S, 32, cfg.num_kv_heads, cfg.head_dim)
+    kv = (torch.randn(shape), torch.randn(shape))
+    for cache in kv:  # unused slots: poison, never read or written
+        cache[[s for s in range(S) if s not in slots]] = float("nan")
+    ref_kv = (kv[0].clone(), kv[1].clone())
+    batch = build_batch([Segment([0], p, s) for s, p in zip(slots, starts)], S)
+    x = torch.randn(len(slots), cfg.hidden_size)
+    with torch.no_grad():
+        out = layer(x, batch, kv)
+        monkeypatch.setattr(kernels, "gated_attention_decode", lambda *a: None)
+        ref = layer(x, batch, ref_kv)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(kv, ref_kv):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_attention_decode_rejects_position_outside_cache():
+    cfg = ModelConfig.from_dict(tiny_config("qwen3_next", model_type="qwen3_next"))
+    layer = GatedAttention(cfg).eval()
+    kv = tuple(torch.zeros(2, 8, cfg.num_kv_heads, cfg.head_dim) for _ in range(2))
+    batch = build_batch([Segment([0], 8, 1)], 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="position 8 outside the KV cache"):
+        layer(torch.randn(1, cfg.hidden_size), batch, kv)

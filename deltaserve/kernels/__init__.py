@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from . import cpu_native, reference
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule",
-           "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
+__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_attention_decode", "gated_delta_net",
+           "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
 
 NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
 
@@ -50,6 +50,15 @@ def gated_delta_net_decode(mixed: torch.Tensor, z: torch.Tensor, a: torch.Tensor
     if not cpu_native.applies(mixed, conv_pool, ssm_pool):
         return None
     return cpu_native.gdn_decode(mixed, z, a, b, layer, conv_pool, ssm_pool, batch)
+
+
+def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer,
+                           kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor | None:
+    """Float32 CPU steps of one token per sequence: q/k norm, rotary, KV write, attention and the sigmoid
+    gate in one native call -> [B, H*D]. None where that does not apply (then: the layer's own path)."""
+    if qg.is_cuda or qg.shape[0] != len(batch.lens) or not cpu_native.applies(qg, kv[0], kv[1]):
+        return None
+    return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -70,3 +70,13 @@ def gdn_decode(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.T
     return ops().gdn_decode(mixed.contiguous(), z.contiguous(), a.contiguous(), b.contiguous(),
                             layer.conv_weight, layer.A_log, layer.dt_bias, layer.norm.weight, layer.norm.eps,
                             conv_pool, ssm_pool, batch.slots, batch.reset, layer.hk, layer.dk)
+
+
+def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
+    """One token per sequence through a GatedAttention layer between its projections.
+
+    qg [B, H*2D] rows per head [q | gate]; k, v [B, G*D]; kv: the layer's caches [S, M, G, D], written at
+    (batch.token_slots, batch.positions). Returns the gated attention output [B, H*D]."""
+    return ops().attention_decode(qg.contiguous(), k.contiguous(), v.contiguous(), layer.q_norm.weight,
+                                  layer.k_norm.weight, layer.q_norm.eps, layer.rotary.rotary_dim, layer.rotary.theta,
+                                  kv[0], kv[1], batch.token_slots, batch.positions, layer.d ** -0.5)

@@ -29,6 +29,9 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         t = x.shape[0]
         qg, k, v = self.qkv_proj(x).split([self.h * self.d * 2, self.g * self.d, self.g * self.d], dim=-1)
+        fused = kernels.gated_attention_decode(qg, k, v, self, kv, batch)
+        if fused is not None:  # CPU decode: norms, rotary, KV write, attention and gate in one call
+            return self.o_proj(fused)
         q, gate = qg.view(t, self.h, 2 * self.d).chunk(2, dim=-1)  # [T, H, D] each
         q = kernels.norm_rotary(q, self.q_norm, self.rotary, batch.positions)
         k = kernels.norm_rotary(k.view(t, self.g, self.d), self.k_norm, self.rotary, batch.positions)  # [T, G, D]

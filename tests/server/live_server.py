@@ -46,10 +46,12 @@ def train_tokenizer(path: Path) -> Tokenizer:
 
 
 class LiveServer:
-    """uvicorn serving create_app(config) in a thread; fail_next_step makes the engine's next step raise."""
+    """uvicorn serving create_app(config) in a thread; fail_next_step makes the engine's next step raise,
+    step_delay_s slows every step (so that a request outlives a client's timeout however fast the engine)."""
 
     def __init__(self, config: ServerConfig, before_load: Callable[[], None] | None = None, grace_s: float = 10.0):
         self.fail_next_step = threading.Event()
+        self.step_delay_s = 0.0
 
         def make_engine() -> LLMEngine:
             if before_load:
@@ -62,6 +64,7 @@ class LiveServer:
                 if self.fail_next_step.is_set():
                     self.fail_next_step.clear()
                     raise RuntimeError("injected fault")
+                time.sleep(self.step_delay_s)
                 return run(*args, **kwargs)
             engine.runner.run = faulty_run
             return engine

@@ -200,9 +200,13 @@ def test_disconnect_frees_the_slot(server):
         assert metrics(server)["slots_in_use"] == 1
     m = wait_idle(server)  # the stream was closed after one chunk
     assert m["requests_finished_total{abort}"] == aborted + 1
-    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
-        post(server, "/v1/completions", json=body, timeout=0.3)
-    assert wait_idle(server)["requests_finished_total{abort}"] == aborted + 2
+    server.step_delay_s = 0.01  # 240 steps: far longer than the client waits
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            post(server, "/v1/completions", json=body, timeout=0.3)
+        assert wait_idle(server)["requests_finished_total{abort}"] == aborted + 2
+    finally:
+        server.step_delay_s = 0.0
 
 
 def test_engine_step_failure_fails_only_its_requests(server):

@@ -126,7 +126,7 @@ def test_single_sequence_step_has_no_state_gather_or_scatter(llm):
     assert pool_gathers([Segment([4], 3, 2)]) == []
     assert pool_gathers([Segment([5, 6], 4, 2)]) == []
     # the detector sees the batched path's gathers, so the empty lists above mean something
-    assert pool_gathers([Segment([7], 6, 2), Segment([1], 0, 0)])
+    assert pool_gathers([Segment([7, 8], 6, 2), Segment([1, 2], 0, 0)])  # (single-token batches: native, in place)
 
 
 def test_text_prompts_with_tokenizer(tmp_path):

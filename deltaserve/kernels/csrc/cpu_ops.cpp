@@ -15,6 +15,8 @@
 #include <cmath>
 #include <vector>
 
+constexpr int64_t ITEM_FLOATS = 1 << 16;  // 256 KiB of weights: the smallest share of work worth a thread
+
 typedef float vf __attribute__((vector_size(64)));  // 16 float lanes; GCC lowers to the target's SIMD
 
 static inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(vf)); return v; }
@@ -82,14 +84,15 @@ torch::Tensor small_linear(torch::Tensor x, torch::Tensor w) {
   std::vector<float*> ys(R);
   for (int64_t t = 0; t < R; ++t) xs[t] = xp.data_ptr<float>() + t * xp.stride(0), ys[t] = y.data_ptr<float>() + t * N;
   const float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { dot_rows(wp, n0, n1, K, xs.data(), ys.data(), R); });
+  at::parallel_for(0, N, std::max<int64_t>(1, ITEM_FLOATS / K),  // small weights: one thread, no wake-up
+                   [&](int64_t n0, int64_t n1) { dot_rows(wp, n0, n1, K, xs.data(), ys.data(), R); });
   return y;
 }
 
 struct Expert { const float* gate_up; const float* down; int64_t width; };  // [2I, D] rows [gate | up], [D, I]
 
 // y[p] = down(silu(gate) * up)(x[token_of[p]]) for every pair p of every expert; one pass per product over
-// (expert, block of 64 output rows), so each weight row is read once for all of its expert's tokens.
+// (expert, block of output rows), so each weight row is read once for all of its expert's tokens.
 static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& experts,
                          const std::vector<std::vector<int64_t>>& pairs_of, const std::vector<int64_t>& token_of,
                          float* h, int64_t h_stride, float* y) {
@@ -97,9 +100,10 @@ static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& e
   auto product = [&](bool first) {
     std::vector<Item> items;
     for (int64_t e = 0; e < (int64_t)experts.size(); ++e) {
-      const int64_t rows = first ? 2 * experts[e].width : D;
+      const int64_t rows = first ? 2 * experts[e].width : D, cols = first ? D : experts[e].width;
+      const int64_t block = std::max<int64_t>(16, ITEM_FLOATS / cols);  // equal bytes per item: balanced threads
       if (!pairs_of[e].empty())
-        for (int64_t n = 0; n < rows; n += 64) items.push_back({e, n, std::min(n + 64, rows)});
+        for (int64_t n = 0; n < rows; n += block) items.push_back({e, n, std::min(n + block, rows)});
     }
     at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
       std::vector<const float*> xs; std::vector<float*> ys;

@@ -1,6 +1,6 @@
-"""The C++ float32 CPU kernels of `csrc/cpu_ops.cpp` for few-token steps (issue 9).
+"""The C++ float32 CPU kernels of `csrc/` for few-token steps (issue 9).
 
-Built on first use with torch's extension builder (g++ and ninja; ~30 s once, then cached under
+Built on first use with torch's extension builder (g++ and ninja; ~40 s once, then cached under
 ~/.cache/torch_extensions). Where it cannot be built, `ops()` returns None and callers keep the torch
 path, which is also the oracle these kernels are tested against (tests/test_cpu_native.py).
 
@@ -10,12 +10,23 @@ R = rows, K = inputs, N = outputs, B = sequences, C = conv channels, H = V heads
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_ops.cpp")
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+
+
+def _sources_digest() -> str:
+    """Hash of every file under csrc/: part of the module's name, so an edited header rebuilds it (torch's
+    builder hashes only the listed source, not what it includes)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(CSRC)):
+        with open(os.path.join(CSRC, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:12]
 
 
 @functools.cache
@@ -27,8 +38,8 @@ def ops():
         from torch.utils.cpp_extension import load
         # -fopenmp: at::parallel_for is header code, threaded only when compiled with OpenMP; the library
         # resolves to the libgomp torch already loaded, so both share one thread pool
-        return load("deltaserve_cpu_ops", [SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(f"deltaserve_cpu_ops_{_sources_digest()}", [os.path.join(CSRC, "cpu_ops.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler / ninja: the torch path still runs, only slower
         warnings.warn(f"deltaserve: CPU kernels not built ({err}); using the torch path")
         return None

@@ -1,26 +1,31 @@
 """Kernel variants on CUDA, timed in one run (issue 7): the measurements behind the choices in kernels/triton.
 
 1. Recurrent delta-rule decode kernel: V-block width BV (state bytes moved / time).
-0. One-row products (decode np=1): the Triton GEMV vs cuBLAS on every weight shape of bench_cuda's models.
+0. One-row products (decode np=1): the Triton GEMV vs cuBLAS on every weight shape of bench_cuda's models;
+   the SwiGLU input half: the GEMV with SiLU * up in its epilogue (rows per half 1 / 2) vs GEMV + gate launch.
 2. Decode attention: Triton split-K over the KV cache by slot vs gather + SDPA (the reference's way).
 3. Prefill attention: Triton varlen over the cache vs padded gather + SDPA with a causal mask.
 4. Routed experts from router logits: Triton (route, layout, grouped matmuls) vs torch ops + torch._grouped_mm.
 Shapes are Qwen3-Next's (H=32 V heads of 128; attention 16 Q / 2 KV heads of 256; 512 experts top-10,
 width 512, hidden 2048), bf16 with float32 states. Random inputs; median of triton.testing.do_bench.
 
-Run: python benchmarks/bench_cuda_kernels.py
+Run: python benchmarks/bench_cuda_kernels.py [gemv recurrent attention moe]
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from deltaserve.kernels.triton.attention import decode_attention, prefill_attention
+from deltaserve.kernels.triton.linear import gemv as triton_gemv
 from deltaserve.kernels.triton.linear import linear
 from deltaserve.kernels.triton.moe import expert_layout, grouped_matmul, route
 from deltaserve.kernels.triton.recurrent import gdn_recurrent_fwd
+from deltaserve.kernels.triton.rowwise import gate_mul
 
 DEV, BF16 = "cuda", torch.bfloat16
 
@@ -45,6 +50,20 @@ def gemv(rows: list[str]) -> None:
             rows.append(f"| one-row linear | {model} {n} x {k} | Triton {times['Triton'] * 1e3:.1f} us "
                         f"({gbs['Triton']:.0f} GB/s) | cuBLAS {times['cuBLAS'] * 1e3:.1f} us "
                         f"({gbs['cuBLAS']:.0f} GB/s) |")
+    for model, (i, k) in (("qwen3.5-2b MLP", (6144, 2048)), ("qwen3-next shared expert", (512, 2048))):
+        ws = [torch.randn(2 * i, k, dtype=BF16, device=DEV) for _ in range(4)]
+        x = torch.randn(1, k, dtype=BF16, device=DEV)
+        it = iter(range(10 ** 9))
+
+        def unfused(w):
+            h = linear(x, w)
+            return gate_mul(h[:, i:], h[:, :i], sigmoid=False)
+
+        t_un = ms(lambda: unfused(ws[next(it) % 4]))
+        fused = [ms(lambda bn=bn: triton_gemv(x, ws[next(it) % 4], bn=bn, swiglu=True)) for bn in (1, 2)]
+        rows.append(f"| one-row SwiGLU in | {model} 2x{i} x {k} | fused, 1 / 2 rows per half: "
+                    f"{fused[0] * 1e3:.1f} / {fused[1] * 1e3:.1f} us ({2 * i * k * 2 / min(fused) / 1e6:.0f} GB/s) | "
+                    f"GEMV + gate {t_un * 1e3:.1f} us |")
 
 
 def recurrent(rows: list[str]) -> None:
@@ -139,8 +158,9 @@ def main() -> None:
     torch.manual_seed(0)
     rows = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
             "| kernel | shape | time | other |", "|---|---|---|---|"]
-    for part in (gemv, recurrent, attention, moe):
-        part(rows)
+    parts = {"gemv": gemv, "recurrent": recurrent, "attention": attention, "moe": moe}
+    for name in sys.argv[1:] or parts:
+        parts[name](rows)
     print("\n".join(rows))
 
 

@@ -14,7 +14,8 @@ from . import cpu_native, reference
 from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["add_rms_norm", "attention", "causal_conv", "gated_attention_decode", "gated_delta_net",
-           "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate", "silu_mul", "sparse_moe"]
+           "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate",
+           "silu_mul", "sparse_moe", "swiglu_gemv"]
 
 NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
 
@@ -99,6 +100,16 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
         from .triton.rowwise import gate_mul
         return gate_mul(up, gate, sigmoid=False)
     return F.silu(gate) * up
+
+
+def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """SiLU(gate) * up of one row x [1, D] times gate_up [2I, D] (rows [gate | up]) -> [1, I] in one launch (the
+    CUDA GEMV with the SwiGLU in its epilogue, bf16/fp16, no autograd); None elsewhere (then: the product and
+    silu_mul)."""
+    if not x.is_cuda or torch.is_grad_enabled():
+        return None
+    from .triton.linear import swiglu_gemv as cuda_swiglu_gemv
+    return cuda_swiglu_gemv(x, gate_up)
 
 
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

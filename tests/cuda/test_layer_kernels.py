@@ -171,3 +171,32 @@ def test_one_row_linear_matches_float64(n, k, check):
     assert out.shape == (1, n) and out.dtype == torch.bfloat16
     check(f"one-row linear n{n} k{k} bfloat16", out, x.to(torch.bfloat16).double() @ w.to(torch.bfloat16).double().T,
           TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("i,k", [(6144, 2048), (512, 2048), (37, 384)], ids=str)
+def test_swiglu_gemv_matches_float64(i, k, check):
+    """The MLP's one-row input half (gate_up GEMV, SiLU(gate) * up in its epilogue) against float64, into a
+    NaN-poisoned output at both row blocks; I not a multiple of the block included; then the whole MLP layer."""
+    from deltaserve.kernels.triton.linear import gemv, use_triton_linears
+    from deltaserve.layers.feed_forward import MLP
+    bf16 = torch.bfloat16
+    gen = torch.Generator().manual_seed(i + k)
+    mlp = MLP(k, i)
+    mlp.gate_up.weight.data = torch.randn(2 * i, k, generator=gen)
+    mlp.down.weight.data = torch.randn(k, i, generator=gen)
+    x = torch.randn(1, k, generator=gen).to(bf16)
+    ref_mlp = copy.deepcopy(mlp).to(bf16).double()  # CPU: the product, then silu_mul
+    gate, up = (x.double() @ ref_mlp.gate_up.weight.T).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    c_mlp = copy.deepcopy(mlp).to(bf16).cuda()
+    use_triton_linears(c_mlp)
+    xc, wc = x.cuda(), c_mlp.gate_up.weight
+    with torch.no_grad():
+        got = kernels.swiglu_gemv(xc, wc)
+        assert got is not None and got.shape == (1, i) and got.dtype == bf16
+        check(f"swiglu gemv i{i} k{k} bfloat16", got, ref, TOL[bf16])
+        for bn in (1, 2):
+            out = torch.full((1, i), float("nan"), dtype=bf16, device="cuda")
+            gemv(xc, wc, out, bn=bn, bk=1024 if k % 1024 == 0 else 128, swiglu=True)
+            check(f"swiglu gemv i{i} k{k} bn{bn} bfloat16", out, ref, TOL[bf16])
+        check(f"mlp one row i{i} k{k} bfloat16", c_mlp(xc), ref_mlp(x.double()), TOL[bf16])

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import linear
+from .linear import linear, swiglu_gemv
 from .rowwise import gate_mul
 
 
@@ -177,8 +177,11 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, gate_up: torch.Tensor, dow
     layout = expert_layout(experts.view(-1), work[0], work[1])
     hidden = grouped_matmul(x, gate_up, gate_up.shape[1] // 2, layout, top_k)  # [P, I], expert order
     y = grouped_matmul(hidden, down, d, layout, top_k, pair_scale=weights.view(-1))  # [P, D], pair order
-    h = linear(x, shared_gate_up)
-    shared = linear(gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False), shared_down)
+    h = swiglu_gemv(x, shared_gate_up)  # one row: one launch; else None
+    if h is None:
+        h = linear(x, shared_gate_up)
+        h = gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False)
+    shared = linear(h, shared_down)
     out = torch.empty_like(x)
     bd = min(1024, triton.next_power_of_2(d))
     combine_kernel[(t, triton.cdiv(d, bd))](y, shared, linear(x, shared_gate), out, d, K=top_k, BD=bd,

@@ -43,6 +43,8 @@ def test_build_batch_orders_decodes_first_and_maps_back():
     per_seg = b.split_logits(torch.arange(5.0)[:, None])
     assert [p.flatten().tolist() for p in per_seg] == [[2, 3, 4], [0], [], [1]]
     assert b.single_slot is None and build_batch([Segment([1, 2], 0, 4)], 5).single_slot == 4
+    assert not b.one_token_each  # native CPU decode kernels only take batches of single-token segments
+    assert build_batch([Segment([4], 7, 2), Segment([7], 0, 9)], 10).one_token_each
 
 
 def test_conv_index_gathers_window_then_tokens():

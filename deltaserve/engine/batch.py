@@ -81,6 +81,11 @@ class ForwardBatch:
         return len(self.lens)
 
     @property
+    def one_token_each(self) -> bool:
+        """Every segment is a single token (decodes, one-token prompts) and none keeps per-token states."""
+        return sum(self.lens) == len(self.lens) and not self.snapshots
+
+    @property
     def single_slot(self) -> int | None:
         """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
         return self.slot_ids[0] if len(self.lens) == 1 and not self.snapshots else None

@@ -46,9 +46,7 @@ def gated_delta_net_decode(mixed: torch.Tensor, z: torch.Tensor, a: torch.Tensor
                            conv_pool: torch.Tensor, ssm_pool: torch.Tensor, batch) -> torch.Tensor | None:
     """Float32 CPU steps of one token per sequence: conv, gating, delta rule and the layer's gated norm in one
     native call -> [B, H*Dv]. None where that does not apply (then: gated_delta_net and the layer's norm)."""
-    if mixed.is_cuda or mixed.shape[0] != len(batch.lens) or batch.snapshots:
-        return None
-    if not cpu_native.applies(mixed, conv_pool, ssm_pool):
+    if mixed.is_cuda or not batch.one_token_each or not cpu_native.applies(mixed, conv_pool, ssm_pool):
         return None
     return cpu_native.gdn_decode(mixed, z, a, b, layer, conv_pool, ssm_pool, batch)
 
@@ -57,7 +55,7 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
                            kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor | None:
     """Float32 CPU steps of one token per sequence: q/k norm, rotary, KV write, attention and the sigmoid
     gate in one native call -> [B, H*D]. None where that does not apply (then: the layer's own path)."""
-    if qg.is_cuda or qg.shape[0] != len(batch.lens) or not cpu_native.applies(qg, kv[0], kv[1]):
+    if qg.is_cuda or not batch.one_token_each or not cpu_native.applies(qg, kv[0], kv[1]):
         return None
     return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
 

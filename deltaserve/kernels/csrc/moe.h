@@ -9,10 +9,10 @@
 
 struct Expert { const float* gate_up; const float* down; int64_t width; };  // [2I, D] rows [gate | up], [D, I]
 
-// y[p] = down(silu(gate) * up)(x[token_of[p]]) for every pair p of every expert; one pass per product over
+// y[p] = down(silu(gate) * up)(x[p / pairs_per_token]) for every pair p of every expert; one pass per product over
 // (expert, block of output rows), so each weight row is read once for all of its expert's tokens.
 static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& experts,
-                         const std::vector<std::vector<int64_t>>& pairs_of, const std::vector<int64_t>& token_of,
+                         const std::vector<std::vector<int64_t>>& pairs_of, int64_t pairs_per_token,
                          float* h, int64_t h_stride, float* y) {
   struct Item { int64_t e, n0, n1; };
   auto product = [&](bool first) {
@@ -30,7 +30,7 @@ static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& e
         const Expert& ex = experts[it.e];
         xs.clear(); ys.clear();
         for (int64_t p : pairs_of[it.e]) {
-          xs.push_back(first ? x + token_of[p] * D : h + p * h_stride);
+          xs.push_back(first ? x + p / pairs_per_token * D : h + p * h_stride);
           ys.push_back(first ? h + p * h_stride : y + p * D);
         }
         dot_rows(first ? ex.gate_up : ex.down, it.n0, it.n1, first ? D : ex.width, xs.data(), ys.data(),
@@ -65,7 +65,6 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gat
     experts.push_back({gate_up.data_ptr<float>() + e * 2 * I * D, down.data_ptr<float>() + e * D * I, I});
   experts.push_back({shared_gate_up.data_ptr<float>(), shared_down.data_ptr<float>(), Is});
   std::vector<std::vector<int64_t>> pairs_of(E + 1);
-  std::vector<int64_t> token_of(P);
   std::vector<float> weight(P);
   std::vector<int64_t> order(E);
   for (int64_t t = 0; t < R; ++t) {
@@ -81,7 +80,6 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gat
     for (int64_t j = 0; j < K1; ++j) {
       const int64_t e = j < top_k ? order[j] : E;
       if (j < top_k && norm_topk) weight[t * K1 + j] /= picked;
-      token_of[t * K1 + j] = t;
       pairs_of[e].push_back(t * K1 + j);
     }
     weight[t * K1 + top_k] = 1.f / (1.f + std::exp(-sg[t]));
@@ -89,10 +87,10 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gat
   auto h = torch::empty({P, 2 * std::max(I, Is)}, x.options());
   auto y = torch::empty({P, D}, x.options());
   float *yp = y.data_ptr<float>();
-  swiglu_pairs(x.data_ptr<float>(), D, experts, pairs_of, token_of, h.data_ptr<float>(), h.size(1), yp);
+  swiglu_pairs(x.data_ptr<float>(), D, experts, pairs_of, K1, h.data_ptr<float>(), h.size(1), yp);
   auto out = torch::zeros({R, D}, x.options());
   float* op = out.data_ptr<float>();
   for (int64_t p = 0; p < P; ++p)  // fixed order per token: routed choices, then the shared expert
-    for (int64_t d = 0; d < D; ++d) op[token_of[p] * D + d] += weight[p] * yp[p * D + d];
+    for (int64_t d = 0; d < D; ++d) op[p / K1 * D + d] += weight[p] * yp[p * D + d];
   return out;
 }

@@ -184,3 +184,44 @@ def test_attention_decode_rejects_position_outside_cache():
     batch = build_batch([Segment([0], 8, 1)], 2)
     with torch.no_grad(), pytest.raises(RuntimeError, match="position 8 outside the KV cache"):
         layer(torch.randn(1, cfg.hidden_size), batch, kv)
+
+
+@pytest.mark.parametrize("slots", [[5], [9, 2], [4, 7, 1]], ids=lambda s: f"seqs{len(s)}")
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
+def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
+    """A layer in one or two native calls for 1-2 sequences gives bit for bit what the per-op native route gives
+    (both packed, so the same kernels run), which matches the plain torch layers to 1e-5; 3+ sequences never take it."""
+    from deltaserve.layers.cpu_packed import pack_for_cpu
+    from deltaserve.layers.model import HybridModel
+    cfg = ModelConfig.from_dict(tiny_config(arch, model_type=arch))
+    torch.manual_seed(3)
+    model = HybridModel(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    gdn_at, attn_at = cfg.layer_types.index("linear_attention"), cfg.layer_types.index("full_attention")
+    caches = {gdn_at: (torch.randn(S, cfg.conv_kernel - 1, cfg.conv_dim),
+                       torch.randn(S, cfg.num_v_heads, cfg.k_head_dim, cfg.v_head_dim)),
+              attn_at: tuple(torch.randn(S, 32, cfg.num_kv_heads, cfg.head_dim) for _ in range(2))}
+    for cache in caches.values():
+        for t in cache:
+            t[[s for s in range(S) if s not in slots]] = float("nan")  # unused slots: never read or written
+    batch = build_batch([Segment([0], 3 * s % 7, s) for s in slots], S)  # slot 7 starts at 0: a reset
+    x = torch.randn(len(slots), cfg.hidden_size)
+
+    def run():
+        states = {i: tuple(t.clone() for t in c) for i, c in caches.items()}
+        with torch.no_grad():
+            outs = [model.layers[i](x, batch, states[i]) for i in (gdn_at, attn_at)]
+        return outs, [t for c in states.values() for t in c]
+
+    oracle = run()
+    assert pack_for_cpu(model)
+    taken = []
+    monkeypatch.setattr(cpu_native, "decoder_layer", lambda *a, real=cpu_native.decoder_layer: taken.append(1) or real(*a))
+    block = run()
+    assert len(taken) == (2 if len(slots) <= cpu_native.NATIVE_MAX_ROWS else 0)
+    monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a: None)
+    per_op = run()
+    for b, p, o in zip(block[0] + block[1], per_op[0] + per_op[1], oracle[0] + oracle[1]):
+        assert torch.equal(b.nan_to_num(), p.nan_to_num()) and b.isnan().sum() == p.isnan().sum()
+        torch.testing.assert_close(b, o, rtol=1e-5, atol=1e-5, equal_nan=True)

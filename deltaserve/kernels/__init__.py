@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from . import cpu_native, reference
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_rms_norm", "attention", "causal_conv", "gated_attention_decode", "gated_delta_net",
-           "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm", "sigmoid_gate",
-           "silu_mul", "sparse_moe", "swiglu_gemv"]
+__all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "gated_attention_decode",
+           "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm",
+           "sigmoid_gate", "silu_mul", "sparse_moe", "swiglu_gemv"]
 
 NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
 
@@ -58,6 +58,16 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if qg.is_cuda or not batch.one_token_each or not cpu_native.applies(qg, kv[0], kv[1]):
         return None
     return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
+
+
+def decoder_layer_decode(x: torch.Tensor, layer, layer_cache, batch) -> torch.Tensor | None:
+    """A whole DecoderLayer in one or two native calls, for float32 CPU steps of one token per sequence and at
+    most cpu_native.NATIVE_MAX_ROWS sequences: x [B, D] -> [B, D]. None elsewhere (then: the layer's modules,
+    through the two functions above on CPU)."""
+    if (x.is_cuda or not batch.one_token_each or x.shape[0] > cpu_native.NATIVE_MAX_ROWS
+            or not cpu_native.applies(x, *layer_cache)):
+        return None
+    return cpu_native.decoder_layer(x, layer, layer_cache, batch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

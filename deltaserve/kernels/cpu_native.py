@@ -13,10 +13,12 @@ import functools
 import hashlib
 import os
 import warnings
+import weakref
 
 import torch
 
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+NATIVE_MAX_ROWS = 2  # products of up to this many rows take `linear`; from 3 rows oneDNN is faster (RESULTS.md)
 
 
 def _sources_digest() -> str:
@@ -59,9 +61,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def moe_block(x: torch.Tensor, moe) -> torch.Tensor:
     """The whole SparseMoE block (router, top-k, routed and shared SwiGLU experts) of x [R, D] -> [R, D]."""
-    return ops().moe_block(x.contiguous(), moe.router.weight, moe.experts_gate_up, moe.experts_down,
-                           moe.shared.gate_up.weight, moe.shared.down.weight, moe.shared_gate.weight, moe.top_k,
-                           moe.norm_topk)
+    return ops().moe_block(x.contiguous(), *_moe_args(moe), None)
+
+
+def _moe_args(moe) -> tuple:
+    return (moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
+            moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -91,3 +96,38 @@ def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], bat
     return ops().attention_decode(qg.contiguous(), k.contiguous(), v.contiguous(), layer.q_norm.weight,
                                   layer.k_norm.weight, layer.q_norm.eps, layer.rotary.rotary_dim, layer.rotary.theta,
                                   kv[0], kv[1], batch.token_slots, batch.positions, layer.d ** -0.5)
+
+
+
+def decoder_layer(x: torch.Tensor, layer, cache: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
+    """One token per sequence, at most NATIVE_MAX_ROWS of them, through a whole DecoderLayer: x [B, D] -> [B, D].
+    The input norm, token mixer (both projections included), residual add and post norm are one native call;
+    a MoE FFN and the second residual add another. cache: the layer's (conv, delta-rule) pools or (K, V)
+    caches, updated in place at the batch's slots."""
+    mixer, weights, moe = _layer_args(layer)
+    if layer.kind == "linear_attention":
+        x, h = mixer(x.contiguous(), *weights, cache[0], cache[1], batch.slots, batch.reset)
+    else:
+        x, h = mixer(x.contiguous(), *weights, cache[0], cache[1], batch.token_slots, batch.positions)
+    return ops().moe_block(h, *moe, x) if moe else x + layer.ffn(h)
+
+
+_LAYER_ARGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layer_args(layer) -> tuple:
+    """(native mixer function, its weight and size arguments, the MoE block's or None), gathered once per layer:
+    collecting ~25 module attributes every step costs more than the layer's small kernels. Holds the parameter
+    tensors themselves, so in-place updates are seen (parameters replaced by new tensors are not)."""
+    if layer not in _LAYER_ARGS:
+        m = layer.mixer
+        norms = (layer.input_norm.weight, layer.post_norm.weight, layer.input_norm.eps)
+        if layer.kind == "linear_attention":
+            mixer = (ops().gdn_block, (*norms, m.in_proj.weight, m.out_proj.weight, m.conv_weight, m.A_log, m.dt_bias,
+                                       m.norm.weight, m.norm.eps, m.hk, m.dk))
+        else:
+            mixer = (ops().attention_block, (*norms, m.qkv_proj.weight, m.o_proj.weight, m.q_norm.weight,
+                                             m.k_norm.weight, m.q_norm.eps, m.rotary.rotary_dim, m.rotary.theta,
+                                             m.d ** -0.5))
+        _LAYER_ARGS[layer] = (*mixer, _moe_args(layer.ffn) if hasattr(layer.ffn, "router") else None)
+    return _LAYER_ARGS[layer]

@@ -23,11 +23,9 @@ from ..kernels import cpu_linear, cpu_native
 from .feed_forward import SparseMoE
 from .model import HybridModel
 
-NATIVE_MAX_ROWS = 2  # products of up to this many rows take the native kernel
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-    if 0 < x.numel() <= NATIVE_MAX_ROWS * x.shape[-1] and cpu_native.applies(x):
+    if 0 < x.numel() <= cpu_native.NATIVE_MAX_ROWS * x.shape[-1] and cpu_native.applies(x):
         return cpu_native.linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     return cpu_linear.linear(x, packed)
 

@@ -28,6 +28,9 @@ class DecoderLayer(nn.Module):
         self.ffn = SparseMoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_cache) -> torch.Tensor:
+        fused = kernels.decoder_layer_decode(x, self, layer_cache, batch)  # float32 CPU decode of 1-2 sequences
+        if fused is not None:
+            return fused
         x, h = kernels.add_rms_norm(x, self.mixer(self.input_norm(x), batch, layer_cache), self.post_norm)
         return x + self.ffn(h)
 

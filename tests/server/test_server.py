@@ -356,6 +356,7 @@ def test_loading_queue_full_and_graceful_shutdown(model_dir):
 def test_shutdown_cancels_cleanly_after_the_grace_period(model_dir):
     live = LiveServer(ServerConfig(model_dir, max_num_seqs=1, max_model_len=1024), grace_s=0.3)
     live.wait_ready()
+    live.step_delay_s = 0.002  # 1000 steps: far longer than the grace period however fast the engine
     long = {"prompt": "hi", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
 
     async def scenario() -> list[httpx.Response]:

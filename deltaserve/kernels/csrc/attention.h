@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+#include "matmul.h"
 #include "norm.h"
 
 // One decode token per sequence through a gated attention layer between its projections: q/k RMS norm,
@@ -49,11 +50,10 @@ torch::Tensor attention_decode(torch::Tensor qg, torch::Tensor k, torch::Tensor 
       norm_rotary(q.data(), D, q_norm.data_ptr<float>(), (float)eps, rotary_dim, &cs[b * half], &sn[b * half]);
       p.resize(n);
       float mx = -INFINITY, total = 0.f;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* kr = kc + ((sl[b] * M + j) * G + g) * D;
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += q[d] * kr[d];
-        p[j] = dot * (float)scale, mx = std::max(mx, p[j]);
+      const float* qd = q.data();
+      for (int64_t j = 0; j < n; ++j) {  // q . k_j with the matmul's SIMD dot (a scalar float sum won't vectorize)
+        dot_row<1>(kc + ((sl[b] * M + j) * G + g) * D, &qd, D, &p[j], 1);
+        p[j] *= (float)scale, mx = std::max(mx, p[j]);
       }
       for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - mx);
       float* o = op + b * H * D + h * D;

@@ -2,9 +2,10 @@
 
 Letters: B = captured batch size, n = sequences in the step (n <= B), V = vocab.
 A step of n single-token segments runs the graph of the smallest captured B >= n. Token ids,
-positions and slots are copied into static buffers before each replay, so one graph serves every
-slot assignment: no slot is ever baked into a graph (ik_llama.cpp #2260 read another slot's state
-that way). Padding rows carry slot -1, which every kernel skips (no state or KV read or written),
+positions and slots are written into a pinned host buffer before each replay, and the graph's first
+node copies them to the device, so one graph serves every slot assignment: no slot is ever baked into
+a graph (ik_llama.cpp #2260 read another slot's state that way). The host writes that buffer only
+after the previous replay has finished (an event), so a replay never reads half-written inputs. Padding rows carry slot -1, which every kernel skips (no state or KV read or written),
 and their logits are dropped. Graphs are captured on the first decode step, largest first, sharing
 one memory pool; capture runs with every row padding, so it leaves the cache untouched.
 """
@@ -12,12 +13,14 @@ one memory pool; capture runs with every row padding, so it leaves the cache unt
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
 from .batch import BatchError, ForwardBatch, Segment, build_batch
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+COPY_IN_GRAPH = True  # the pinned-input copy as the graph's first node (A/B switch)
 
 
 class DecodeGraphs:
@@ -26,12 +29,16 @@ class DecodeGraphs:
         limit = min(max_batch, cache.max_num_seqs)
         self.sizes = [s for s in CAPTURE_SIZES if s < limit] + [limit]
         top = self.sizes[-1]
-        self.host = torch.zeros(3, top, dtype=torch.long, pin_memory=True)  # rows: token ids, positions, slots
-        self.host_np = self.host.numpy()  # filled in place each step (no per-step tensors)
-        self.inputs = torch.zeros(3, top, dtype=torch.long, device=device)
-        self.reset = torch.zeros(top, dtype=torch.bool, device=device)
-        self.copied = torch.cuda.Event()
+        # per captured size, contiguous: rows token ids, positions, slots (pinned host, filled in place each step;
+        # its device twin is what the graph's kernels read) and the reset flags computed in the graph
+        self.host = {b: torch.zeros(3, b, dtype=torch.long, pin_memory=True) for b in self.sizes}
+        self.host_np = {b: h.numpy() for b, h in self.host.items()}
+        self.inputs = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.sizes}
+        self.reset = {b: torch.zeros(b, dtype=torch.bool, device=device) for b in self.sizes}
+        self.done = torch.cuda.Event()  # the last replay, which read the pinned inputs, has finished
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch]] = {}  # the batch keeps its tensors alive
+        self.size_of = [next(s for s in self.sizes if s >= n) for n in range(top + 1)]  # n -> captured size
+        self.copy_in_graph = COPY_IN_GRAPH  # the input copy is the graph's first node (else one launch before it)
         self.logits: torch.Tensor | None = None  # [top, V] in the model's dtype, written by every replay
 
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
@@ -49,14 +56,16 @@ class DecodeGraphs:
         self._check(slots, pos)
         if not self.graphs:
             self._capture()
-        size = next(s for s in self.sizes if s >= n)
-        self.copied.synchronize()  # the last step's copy has read the pinned buffer
-        host = self.host_np
+        size = self.size_of[n]
+        self.done.synchronize()  # the last replay has read the pinned buffer
+        host = self.host_np[size]
         host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
-        host[:2, n:size], host[2, n:size] = 0, -1  # padding rows
-        self.inputs[:, :size].copy_(self.host[:, :size], non_blocking=True)
-        self.copied.record()
+        if n < size:
+            host[:2, n:], host[2, n:] = 0, -1  # padding rows
+        if not self.copy_in_graph:
+            self.inputs[size].copy_(self.host[size], non_blocking=True)
         self.graphs[size][0].replay()
+        self.done.record()
         return list(self.logits[:n].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
 
     def _check(self, slots: list[int], pos: list[int]) -> None:
@@ -70,8 +79,8 @@ class DecodeGraphs:
         """A decode batch of `size` rows whose tensors are views of the static input buffers."""
         template = build_batch([Segment([0], 1, s) for s in range(size)], self.cache.max_num_seqs, self.device,
                                self.cache.num_slots)
-        ids, pos, slots = self.inputs[:, :size]
-        reset = self.reset[:size]
+        ids, pos, slots = self.inputs[size]
+        reset = self.reset[size]
         group = dataclasses.replace(template.groups[0], slots=slots, reset=reset, start_pos=pos)
         return dataclasses.replace(template, input_ids=ids, positions=pos, token_slots=slots, slots=slots,
                                    reset=reset, groups=[group])
@@ -80,16 +89,31 @@ class DecodeGraphs:
         from ..kernels.triton.linear import linear
 
         size = batch.slots.shape[0]
+        if self.copy_in_graph:  # pinned host -> device, read when the graph runs
+            self.inputs[size].copy_(self.host[size], non_blocking=True)
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight  # as HybridModel.logits
         linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
 
-    @torch.inference_mode()
     def _capture(self) -> None:
+        try:
+            self._capture_all()
+        except RuntimeError as err:  # a torch that cannot capture the pinned input copy: copy before each replay
+            if not self.copy_in_graph:
+                raise
+            warnings.warn(f"decode graphs: input copy not capturable ({err}); copying before each replay")
+            torch.cuda.synchronize()
+            self.graphs.clear()
+            self.copy_in_graph = False
+            self._capture_all()
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
         top = self.sizes[-1]
-        self.host[0], self.host[1], self.host[2] = 0, 0, -1  # every row padding: capture touches no state
-        self.inputs.copy_(self.host)
+        for b in self.sizes:  # every row padding: capture (and its warm-up run) touches no state
+            self.host[b][:2], self.host[b][2] = 0, -1
+            self.inputs[b].copy_(self.host[b])
         self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=self.model.embed.weight.dtype,
                                   device=self.device)
         pool = torch.cuda.graph_pool_handle()

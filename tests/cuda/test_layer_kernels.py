@@ -93,19 +93,22 @@ def test_decode_attention_padding_rows(dtype, check):
 
 
 @DTYPES
-@pytest.mark.parametrize("t,e,k", [(1, 256, 10), (2, 512, 10), (64, 512, 10), (37, 16, 4), (300, 64, 8)], ids=str)
-def test_sparse_moe_matches_cpu_block(t, e, k, dtype, check, note):
+@pytest.mark.parametrize("t,e,k,s", [(1, 256, 10, 96), (2, 512, 10, 96), (64, 512, 10, 96), (37, 16, 4, 96),
+                                     (300, 64, 8, 96), (1, 512, 10, 64), (3, 64, 8, 64), (8, 512, 10, 64),
+                                     (9, 512, 10, 64)], ids=str)
+def test_sparse_moe_matches_cpu_block(t, e, k, s, dtype, check, note):
     """The whole MoE block (routing, grouped experts, shared expert) against SparseMoE's CPU code in float64
     with its router logits rounded to the model dtype, as every implementation of a bf16 model has them.
     Router weights x10 make routing decisive; it also makes logits of |30-45|, where bf16 rounding alone moves
     the softmax weights (and the block's output) by ~1.2e-2 relative against unrounded float64 logits.
     The rounded logits may still differ by one ulp (cuBLAS's float32 sum vs float64), so a token whose k-th
     and (k+1)-th logits lie within 2^-7 of each other may pick another expert: such tokens are left out
-    and counted."""
+    and counted. Shared width s = 64 = the expert width at t <= 8 takes the per-pair GEMV path (moe._few_tokens),
+    whose tokens are computed independently: there each token's row must equal its solo run bit for bit."""
     d, i = 256, 64
     cfg = types.SimpleNamespace(num_experts=e, moe_intermediate_size=i, hidden_size=d, top_k=k,
-                                norm_topk_prob=True, shared_expert_intermediate_size=96)
-    gen = torch.Generator().manual_seed(t + e + 1)
+                                norm_topk_prob=True, shared_expert_intermediate_size=s)
+    gen = torch.Generator().manual_seed(t + e + s + 1)
     moe = SparseMoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
@@ -116,7 +119,13 @@ def test_sparse_moe_matches_cpu_block(t, e, k, dtype, check, note):
         top = ref_moe.router(x.to(dtype).double()).topk(k + 1).values  # router logits, float64
         ref_moe.router.register_forward_hook(lambda mod, args, out: out.to(dtype).double())
         ref = ref_moe(x.to(dtype).double())
-        got = kernels.sparse_moe(x.to(dtype).cuda(), copy.deepcopy(moe).to(dtype).cuda())
+        c_moe = copy.deepcopy(moe).to(dtype).cuda()
+        got = kernels.sparse_moe(x.to(dtype).cuda(), c_moe)
+        if s == i and t <= 8:
+            from deltaserve.kernels.triton.moe import PAIR_GEMV_TOKENS
+            assert t <= PAIR_GEMV_TOKENS
+            for j in range(t):
+                assert torch.equal(kernels.sparse_moe(x[j:j + 1].to(dtype).cuda(), c_moe)[0], got[j])
     near = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -18
     keep = top[:, k - 1] - top[:, k] > near * top[:, k - 1:k + 1].abs().max(-1).values
     note(f"moe t{t} e{e} k{k} {dtype}: {int((~keep).sum())} of {t} tokens routed on a near-tie, left out")
@@ -200,3 +209,30 @@ def test_swiglu_gemv_matches_float64(i, k, check):
             gemv(xc, wc, out, bn=bn, bk=1024 if k % 1024 == 0 else 128, swiglu=True)
             check(f"swiglu gemv i{i} k{k} bn{bn} bfloat16", out, ref, TOL[bf16])
         check(f"mlp one row i{i} k{k} bfloat16", c_mlp(xc), ref_mlp(x.double()), TOL[bf16])
+
+
+@pytest.mark.parametrize("h,dh,n", [(16, 128, 2048), (32, 128, 2048), (3, 128, 100), (4, 256, 2048)], ids=str)
+def test_norm_gate_gemv_matches_float64(h, dh, n, check):
+    """One row: the delta-rule gated norm (per head of dh) or the attention's sigmoid gate (the gate a strided
+    view of qg, as the layer splits it) in the out-projection GEMV's prologue, against float64 of the separate
+    kernels (their bf16 output rounded, as they store it), into fresh outputs; N not a multiple of the block."""
+    from deltaserve.kernels.triton.linear import norm_gemv
+    bf16 = torch.bfloat16
+    gen = torch.Generator().manual_seed(h * dh + n)
+    x, w = torch.randn(1, h * dh, generator=gen).to(bf16), torch.randn(n, h * dh, generator=gen).to(bf16)
+    zz = torch.randn(1, 3 * h * dh, generator=gen).to(bf16)
+    z = zz[:, h * dh:2 * h * dh]  # a column slice, as in_proj's split gives it
+    nw = torch.randn(dh, generator=gen).to(bf16)
+    qg = torch.randn(1, h, 2 * dh, generator=gen).to(bf16)
+    gate = qg[..., dh:]
+    gated = GatedRMSNorm(dh, 1e-6)
+    gated.weight.data = nw.clone()
+    normed = gated.double()(x.double().view(1, h, dh), z.double().view(1, h, dh)).to(bf16).double().view(1, -1)
+    gated_in = (x.double().view(1, h, dh) * torch.sigmoid(gate.double())).to(bf16).double().view(1, -1)
+    with torch.no_grad():
+        got = norm_gemv(x.cuda(), z.cuda(), nw.cuda(), 1e-6, w.cuda())
+        assert got is not None and got.shape == (1, n) and got.dtype == bf16
+        check(f"gated norm + gemv h{h} dh{dh} n{n} bfloat16", got, normed @ w.double().T, TOL[bf16])
+        got = norm_gemv(x.cuda(), gate.cuda(), gate.cuda(), 0., w.cuda(), gated=False)
+        assert got is not None
+        check(f"sigmoid gate + gemv h{h} dh{dh} n{n} bfloat16", got, gated_in @ w.double().T, TOL[bf16])

@@ -6,11 +6,19 @@ multiplies by x in float32 and reduces at the end; rounded once to the output dt
 weights take it (float32 models keep cuBLAS's full-fp32 products).
 `swiglu_gemv` is the SwiGLU MLP's input half in one launch: W holds 2I rows [gate | up], a program
 streams rows n and I + n together and writes SiLU(gate) * up (no [1, 2I] intermediate, no gate launch).
+`norm_gemv` puts the delta-rule gated RMS norm (or the attention's sigmoid output gate) into the out
+projection's prologue: each program recomputes the normed x from L2 (one launch less per layer).
+On Hopper the GEMVs are programmatic dependent launches: a GEMV's programs start while the kernel
+before it finishes, load their first weight block (weights: written by no kernel), then wait
+(griddepcontrol.wait) before reading x; the row-wise kernels before them signal early
+(griddepcontrol.launch_dependents). This hides each GEMV's ramp-up inside a CUDA graph.
 `use_triton_linears(model)` swaps the class of every bias-free nn.Linear for one whose forward calls
 `linear` (parameters and state_dict unchanged), as layers/cpu_packed.py does for the CPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -20,17 +28,48 @@ from torch import nn
 
 
 @triton.jit
-def gemv_kernel(x, w, out, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWIGLU: tl.constexpr):
-    """out[n] = W[n] . x; SWIGLU: out[n] = SiLU(W[n] . x) * (W[N + n] . x), W [2N, K] rows [gate | up]."""
+def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr):
+    """x[o_k] in float32 after the prologue (see gemv_kernel)."""
+    b_x = tl.load(x + o_k).to(tl.float32)
+    if PRO == 1:  # BK % HD == 0
+        b_r = tl.reshape(b_x, (BK // HD, HD))
+        b_r = b_r * tl.rsqrt(tl.sum(b_r * b_r, axis=1) / HD + eps)[:, None]
+        b_g = tl.load(g + o_k).to(tl.float32)
+        b_x = tl.reshape(b_r, (BK,)) * tl.load(nw + o_k % HD).to(tl.float32) * b_g * tl.sigmoid(b_g)
+        b_x = b_x.to(x.dtype.element_ty).to(tl.float32)
+    if PRO == 2:
+        b_g = tl.load(g + (o_k // HD) * stride_gh + o_k % HD).to(tl.float32)
+        b_x = (b_x * tl.sigmoid(b_g)).to(x.dtype.element_ty).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SWIGLU: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+    """out[n] = W[n] . x; SWIGLU: out[n] = SiLU(W[n] . x) * (W[N + n] . x), W [2N, K] rows [gate | up].
+    PRO (prologue on x, heads of HD, rounded to x's dtype as the separate kernel would store it):
+    1 = gated RMS norm x / rms_head(x) * nw * SiLU(g) (g contiguous); 2 = x * sigmoid(g), g[k] at
+    g + (k // HD) * stride_gh + k % HD.
+    PDL (launched as a programmatic dependent launch, Hopper): the first weight block (no kernel writes
+    weights) is loaded before the wait for the previous kernel; x, g and out only after it."""
     o_n = tl.program_id(0) * BN + tl.arange(0, BN)
     m_n = o_n < N
     p_w = w + o_n[:, None].to(tl.int64) * stride_w
     p_u = w + (N + o_n)[:, None].to(tl.int64) * stride_w  # SWIGLU: the up rows
-    acc = tl.zeros([BN, BK], tl.float32)
-    acc_u = tl.zeros([BN, BK], tl.float32)
-    for k0 in range(0, K, BK):  # K % BK == 0
+    o_k = tl.arange(0, BK)
+    b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None], other=0.)
+    b_u = b_w
+    if SWIGLU:
+        b_u = tl.load(p_u + o_k[None, :], mask=m_n[:, None], other=0.)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD)[None, :]
+    acc = b_w.to(tl.float32) * b_x
+    acc_u = b_u.to(tl.float32) * b_x
+    for k0 in range(BK, K, BK):  # K % BK == 0
         o_k = k0 + tl.arange(0, BK)
-        b_x = tl.load(x + o_k).to(tl.float32)[None, :]
+        b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD)[None, :]
         acc += tl.load(p_w + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
         if SWIGLU:
             acc_u += tl.load(p_u + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
@@ -40,6 +79,20 @@ def gemv_kernel(x, w, out, N, stride_w, K: tl.constexpr, BN: tl.constexpr, BK: t
     tl.store(out + o_n, y.to(out.dtype.element_ty), mask=m_n)
 
 
+PDL_ON = True  # programmatic dependent launch of the GEMVs on Hopper and newer (a switch for A/B runs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device use programmatic dependent launch (griddepcontrol: sm_90+)."""
+    return PDL_ON and t.is_cuda and _sm90(t.device.index if t.device.index is not None else
+                                          torch.cuda.current_device())
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bn: int = 2, bk: int = 1024,
          num_warps: int = 4, swiglu: bool = False) -> torch.Tensor:
     """x [1, K] contiguous; w [N, K] (rows contiguous); K % bk == 0. Returns (or fills) out [1, N], x's dtype;
@@ -47,8 +100,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bn: 
     n, k = w.shape
     n = n // 2 if swiglu else n
     out = torch.empty(1, n, dtype=x.dtype, device=x.device) if out is None else out
-    gemv_kernel[(triton.cdiv(n, bn),)](x, w, out, n, w.stride(0), K=k, BN=bn, BK=bk, SWIGLU=swiglu,
-                                       num_warps=num_warps)
+    on = pdl(x)
+    gemv_kernel[(triton.cdiv(n, bn),)](x, w, out, n, w.stride(0), x, 0, x, 0., K=k, BN=bn, BK=bk, SWIGLU=swiglu,
+                                       PRO=0, HD=1, PDL=on, num_warps=num_warps, launch_pdl=on)
     return out
 
 
@@ -76,6 +130,38 @@ def swiglu_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     (half of linear's row block from each half: the same bytes per program); None where the GEMV does not apply."""
     bn, bk = _blocks(*w.shape)
     return gemv(x, w, bn=max(1, bn // 2), bk=bk, swiglu=True) if _takes_gemv(x, w, bk) else None
+
+
+def _prologue_blocks(n: int, k: int, hd: int) -> tuple[int, int]:
+    """(BN, BK) of a GEMV whose programs also compute x's prologue (BK a multiple of the head width hd)."""
+    bk = next((b for b in (1024, 512, 256, 128, 64, 32, 16) if k % b == 0 and b % hd == 0), 0)
+    return (PROLOGUE_BN if n >= 1024 else 4), bk
+
+
+PROLOGUE_BN = 2  # call 1 (H100): 2 rows beat 4 and 8 in the graph replay
+
+
+def norm_gemv(x: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+              gated: bool = True) -> torch.Tensor | None:
+    """One row: (x / rms_head(x) * norm_w * SiLU(z)) W^T (gated, the delta-rule output norm + out_proj), or
+    (x * sigmoid(z)) W^T (not gated: z = the attention output gate), in one launch. x [1, H*Dh] contiguous;
+    z [1, H*Dh] contiguous (gated) or a [1, H, Dh] view with unit last stride; w [N, H*Dh]. The prologue's
+    result is rounded to x's dtype before the product, as the separate kernel stores it. None where the
+    GEMV does not apply (then: the norm/gate kernel and `linear`)."""
+    n, k = w.shape
+    hd = norm_w.shape[0] if gated else z.shape[-1]
+    bn, bk = _prologue_blocks(n, k, hd)
+    if not _takes_gemv(x, w, bk) or z.stride(-1) != 1 or z.dtype != x.dtype:
+        return None
+    if gated and (not z.is_contiguous() or hd > bk):
+        return None
+    stride_gh = hd if gated else z.stride(-2)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    on = pdl(x)
+    gemv_kernel[(triton.cdiv(n, bn),)](x, w, out, n, w.stride(0), z, stride_gh, norm_w if gated else z, eps,
+                                       K=k, BN=bn, BK=bk, SWIGLU=False, PRO=1 if gated else 2, HD=hd, PDL=on,
+                                       num_warps=4 if bn <= 4 else 8, launch_pdl=on)
+    return out
 
 
 class TritonLinear(nn.Linear):

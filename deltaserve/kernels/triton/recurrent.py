@@ -13,14 +13,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear import pdl
+
 
 @triton.jit
 def gdn_recurrent_kernel(
     x, stride_x, a, b, stride_ab, A_log, dt_bias, pool, out, cu_seqlens, slots, reset, snaps, stride_snap, W,
     scale, eps,
     HK: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_SNAP: tl.constexpr,
+    HAS_SNAP: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the out-projection GEMV after it may launch at once (it waits for this kernel before reading)
+        tl.extra.cuda.gdc_launch_dependents()
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (H // HK)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -75,7 +79,7 @@ def gdn_recurrent_fwd(x, a, b, A_log, dt_bias, pool, cu_seqlens, slots, reset, n
         snaps if snaps is not None else slots, snaps.stride(0) if snaps is not None else 0,
         snaps.shape[1] if snaps is not None else 0, dk ** -0.5, 1e-6,
         HK=num_k_heads, H=h, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=bv, HAS_SNAP=snaps is not None,
-        num_warps=1 if bv <= 16 else 2,
+        PDL=pdl(x), num_warps=1 if bv <= 16 else 2,
     )
     return out
 

@@ -16,11 +16,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .linear import pdl
+
 
 @triton.jit
 def rms_norm_kernel(x, stride_0, stride_1, w, out, z, stride_z0, stride_z1, eps, B,
-                    D: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr):
-    """GATED: x / rms(x) * w * SiLU(z) (the delta-rule output norm); else zero-centred x / rms(x) * (1 + w)."""
+                    D: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+    """GATED: x / rms(x) * w * SiLU(z) (the delta-rule output norm); else zero-centred x / rms(x) * (1 + w).
+    PDL: a GEMV after it may launch at once (it waits for this kernel before reading; see linear.py)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     i_r = tl.program_id(0)
     i_0, i_1 = (i_r // B).to(tl.int64), i_r % B
     o_d = tl.arange(0, BD)
@@ -37,8 +42,10 @@ def rms_norm_kernel(x, stride_0, stride_1, w, out, z, stride_z0, stride_z1, eps,
 
 
 @triton.jit
-def add_rms_norm_kernel(x, y, total, out, w, eps, D: tl.constexpr, BD: tl.constexpr):
-    """total = x + y (the residual stream); out = zero-centred RMSNorm(total)."""
+def add_rms_norm_kernel(x, y, total, out, w, eps, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    """total = x + y (the residual stream); out = zero-centred RMSNorm(total). PDL: as rms_norm_kernel."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64) * D
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -103,7 +110,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(x.shape[-1])
     rms_norm_kernel[(r0 * b,)](x, s0, s1, weight, out, x, 0, 0, eps, b, D=x.shape[-1], BD=bd, GATED=False,
-                               num_warps=_warps(bd))
+                               PDL=pdl(x), num_warps=_warps(bd))
     return out
 
 
@@ -114,7 +121,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     out = torch.empty(x.shape, dtype=z.dtype, device=x.device)
     bd = triton.next_power_of_2(x.shape[-1])
     rms_norm_kernel[(r0 * b,)](x, s0, s1, weight, out, z, z0, z1, eps, b, D=x.shape[-1], BD=bd, GATED=True,
-                               num_warps=_warps(bd))
+                               PDL=pdl(x), num_warps=_warps(bd))
     return out
 
 
@@ -123,7 +130,8 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     assert x.is_contiguous() and y.is_contiguous()
     total, out = torch.empty_like(x), torch.empty_like(x)
     bd = triton.next_power_of_2(x.shape[1])
-    add_rms_norm_kernel[(x.shape[0],)](x, y, total, out, weight, eps, D=x.shape[1], BD=bd, num_warps=_warps(bd))
+    add_rms_norm_kernel[(x.shape[0],)](x, y, total, out, weight, eps, D=x.shape[1], BD=bd, PDL=pdl(x),
+                                       num_warps=_warps(bd))
     return total, out
 
 

@@ -190,7 +190,8 @@ def test_attention_decode_rejects_position_outside_cache():
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
 def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
     """A layer in one or two native calls for 1-2 sequences gives bit for bit what the per-op native route gives
-    (both packed, so the same kernels run), which matches the plain torch layers to 1e-5; 3+ sequences never take it."""
+    (both packed, so the same kernels run), which matches the plain torch layers to 1e-5 of the output's scale;
+    3+ sequences never take it."""
     from deltaserve.layers.cpu_packed import pack_for_cpu
     from deltaserve.layers.model import HybridModel
     cfg = ModelConfig.from_dict(tiny_config(arch, model_type=arch))
@@ -206,12 +207,13 @@ def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
         for t in cache:
             t[[s for s in range(S) if s not in slots]] = float("nan")  # unused slots: never read or written
     batch = build_batch([Segment([0], 3 * s % 7, s) for s in slots], S)  # slot 7 starts at 0: a reset
-    x = torch.randn(len(slots), cfg.hidden_size)
+    x, residual = torch.randn(len(slots), cfg.hidden_size), torch.randn(len(slots), cfg.hidden_size)
 
-    def run():
+    def run():  # the GDN layer as a later layer (a residual stream to add), the attention layer as the first
         states = {i: tuple(t.clone() for t in c) for i, c in caches.items()}
         with torch.no_grad():
-            outs = [model.layers[i](x, batch, states[i]) for i in (gdn_at, attn_at)]
+            outs = [*model.layers[gdn_at](x, residual, batch, states[gdn_at]),
+                    *model.layers[attn_at](x, None, batch, states[attn_at])]
         return outs, [t for c in states.values() for t in c]
 
     oracle = run()
@@ -224,4 +226,5 @@ def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
     per_op = run()
     for b, p, o in zip(block[0] + block[1], per_op[0] + per_op[1], oracle[0] + oracle[1]):
         assert torch.equal(b.nan_to_num(), p.nan_to_num()) and b.isnan().sum() == p.isnan().sum()
-        torch.testing.assert_close(b, o, rtol=1e-5, atol=1e-5, equal_nan=True)
+        scale = o.nan_to_num().abs().max().item()  # FFN outputs alone: errors relative to the tensor's scale
+        torch.testing.assert_close(b, o, rtol=1e-5, atol=1e-5 * max(scale, 1.0), equal_nan=True)

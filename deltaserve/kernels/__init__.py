@@ -14,8 +14,8 @@ from . import cpu_native, reference
 from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "gated_attention_decode",
-           "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule", "gated_rms_norm", "norm_rotary", "rms_norm",
-           "sigmoid_gate", "silu_mul", "sparse_moe", "swiglu_gemv"]
+           "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
+           "norm_rotary", "rms_norm", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe", "swiglu_gemv"]
 
 NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
 
@@ -60,14 +60,15 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
 
 
-def decoder_layer_decode(x: torch.Tensor, layer, layer_cache, batch) -> torch.Tensor | None:
-    """A whole DecoderLayer in one or two native calls, for float32 CPU steps of one token per sequence and at
-    most cpu_native.NATIVE_MAX_ROWS sequences: x [B, D] -> [B, D]. None elsewhere (then: the layer's modules,
-    through the two functions above on CPU)."""
+def decoder_layer_decode(x: torch.Tensor, residual: torch.Tensor | None, layer, layer_cache,
+                         batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A whole DecoderLayer (its forward's arguments and results) in one or two native calls, for float32 CPU
+    steps of one token per sequence and at most cpu_native.NATIVE_MAX_ROWS sequences. None elsewhere (then:
+    the layer's modules, through the two functions above on CPU)."""
     if (x.is_cuda or not batch.one_token_each or x.shape[0] > cpu_native.NATIVE_MAX_ROWS
             or not cpu_native.applies(x, *layer_cache)):
         return None
-    return cpu_native.decoder_layer(x, layer, layer_cache, batch)
+    return cpu_native.decoder_layer(x, residual, layer, layer_cache, batch)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -108,6 +109,26 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
         from .triton.rowwise import gate_mul
         return gate_mul(up, gate, sigmoid=False)
     return F.silu(gate) * up
+
+
+def gated_norm_linear(x: torch.Tensor, z: torch.Tensor, norm, weight: torch.Tensor) -> torch.Tensor | None:
+    """The delta-rule output of one row, x [1, H*Dv], through its gated RMS norm (gate z [1, H*Dv], `norm` a
+    GatedRMSNorm) and the out-projection weight [N, H*Dv] -> [1, N]: one CUDA launch, the norm in the GEMV's
+    prologue; None elsewhere (then: the norm and the projection)."""
+    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled():
+        return None
+    from .triton.linear import norm_gemv
+    return norm_gemv(x, z, norm.weight, norm.eps, weight)
+
+
+def sigmoid_gate_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """The attention output of one row, x [1, H*D], times sigmoid(gate) ([1, H, D], unit last stride) through the
+    o-projection weight [N, H*D] -> [1, N]: one CUDA launch, the gate in the GEMV's prologue; None elsewhere
+    (then: sigmoid_gate and the projection)."""
+    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled():
+        return None
+    from .triton.linear import norm_gemv
+    return norm_gemv(x, gate, gate, 0., weight, gated=False)  # ungated prologue: norm weight and eps unused
 
 
 def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -61,7 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def moe_block(x: torch.Tensor, moe) -> torch.Tensor:
     """The whole SparseMoE block (router, top-k, routed and shared SwiGLU experts) of x [R, D] -> [R, D]."""
-    return ops().moe_block(x.contiguous(), *_moe_args(moe), None)
+    return ops().moe_block(x.contiguous(), *_moe_args(moe))
 
 
 def _moe_args(moe) -> tuple:
@@ -99,17 +99,20 @@ def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], bat
 
 
 
-def decoder_layer(x: torch.Tensor, layer, cache: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
-    """One token per sequence, at most NATIVE_MAX_ROWS of them, through a whole DecoderLayer: x [B, D] -> [B, D].
-    The input norm, token mixer (both projections included), residual add and post norm are one native call;
-    a MoE FFN and the second residual add another. cache: the layer's (conv, delta-rule) pools or (K, V)
-    caches, updated in place at the batch's slots."""
+def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: tuple[torch.Tensor, torch.Tensor],
+                  batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per sequence, at most NATIVE_MAX_ROWS of them, through a whole DecoderLayer, with its forward's
+    arguments and results (x, residual [B, D] -> FFN output, residual stream). The residual add, norms and token
+    mixer (both projections included) are one native call, a MoE FFN another. cache: the layer's (conv,
+    delta-rule) pools or (K, V) caches, updated in place at the batch's slots."""
     mixer, weights, moe = _layer_args(layer)
+    if residual is not None:
+        residual = residual.contiguous()
     if layer.kind == "linear_attention":
-        x, h = mixer(x.contiguous(), *weights, cache[0], cache[1], batch.slots, batch.reset)
+        stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.slots, batch.reset)
     else:
-        x, h = mixer(x.contiguous(), *weights, cache[0], cache[1], batch.token_slots, batch.positions)
-    return ops().moe_block(h, *moe, x) if moe else x + layer.ffn(h)
+        stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.token_slots, batch.positions)
+    return (ops().moe_block(h, *moe) if moe else layer.ffn(h)), stream
 
 
 _LAYER_ARGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -37,9 +37,7 @@ class GatedAttention(nn.Module):
         k = kernels.norm_rotary(k.view(t, self.g, self.d), self.k_norm, self.rotary, batch.positions)  # [T, G, D]
         v = v.view(t, self.g, self.d)
         out = kernels.attention(q, k, v, kv[0], kv[1], batch, self.d ** -0.5)  # [T, H, D]
-        if out.is_cuda and t == 1 and not torch.is_grad_enabled():  # one row: gate in the o_proj GEMV's prologue
-            from ..kernels.triton.linear import norm_gemv
-            y = norm_gemv(out.reshape(1, -1), gate, gate, 0., self.o_proj.weight, gated=False)
-            if y is not None:
-                return y
+        y = kernels.sigmoid_gate_linear(out.reshape(t, -1), gate, self.o_proj.weight)  # CUDA, one row: one launch
+        if y is not None:
+            return y
         return self.o_proj(kernels.sigmoid_gate(out, gate).reshape(t, -1))

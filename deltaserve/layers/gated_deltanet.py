@@ -40,10 +40,8 @@ class GatedDeltaNet(nn.Module):
         out = kernels.gated_delta_net(mixed, a, b, self.conv_weight, self.A_log, self.dt_bias, state[0], state[1],
                                       batch, self.hk, self.dk)  # [T, H, Dv]: conv, gating, delta rule by slot
         out = out.to(x.dtype)
-        if out.is_cuda and t == 1 and not torch.is_grad_enabled():  # one row: norm in the out_proj GEMV's prologue
-            from ..kernels.triton.linear import norm_gemv
-            y = norm_gemv(out.view(1, -1), z, self.norm.weight, self.norm.eps, self.out_proj.weight)
-            if y is not None:
-                return y
+        y = kernels.gated_norm_linear(out.view(t, -1), z, self.norm, self.out_proj.weight)  # CUDA, one row: one launch
+        if y is not None:
+            return y
         out = self.norm(out, z.view(t, self.h, self.dv))
         return self.out_proj(out.reshape(t, -1))

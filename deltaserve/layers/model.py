@@ -27,12 +27,17 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = SparseMoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, layer_cache) -> torch.Tensor:
-        fused = kernels.decoder_layer_decode(x, self, layer_cache, batch)  # float32 CPU decode of 1-2 sequences
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                layer_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D]: the previous layer's FFN output (or the embeddings); residual [T, D]: the stream before it
+        (None for the first layer). Returns (this layer's FFN output, the stream before it): each residual add
+        happens inside the next norm (one kernel for add + norm, as vLLM's layers pass the residual)."""
+        fused = kernels.decoder_layer_decode(x, residual, self, layer_cache, batch)  # float32 CPU, 1-2 sequences
         if fused is not None:
             return fused
-        x, h = kernels.add_rms_norm(x, self.mixer(self.input_norm(x), batch, layer_cache), self.post_norm)
-        return x + self.ffn(h)
+        stream, h = (x, self.input_norm(x)) if residual is None else kernels.add_rms_norm(residual, x, self.input_norm)
+        stream, h = kernels.add_rms_norm(stream, self.mixer(h, batch, layer_cache), self.post_norm)
+        return self.ffn(h), stream
 
 
 class MTPHead(nn.Module):
@@ -57,8 +62,8 @@ class MTPHead(nn.Module):
         logits (shared LM head) predict token t+2. Draft step i uses layer i mod num_layers, as vLLM does.
         """
         x = torch.cat([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        x = self.layers[step % len(self.layers)](self.fc(x), batch, kv)  # fc input: [embedding | hidden]
-        return self.norm(x)
+        x, residual = self.layers[step % len(self.layers)](self.fc(x), None, batch, kv)  # fc: [embedding | hidden]
+        return kernels.add_rms_norm(residual, x, self.norm)[1]
 
 
 class HybridModel(nn.Module):
@@ -75,10 +80,10 @@ class HybridModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
         """Runs every token of the batch; returns final-normed hidden states [T, D]."""
-        x = self.embed(batch.input_ids)
+        x, residual = self.embed(batch.input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cache.layer(i))
-        return self.norm(x)
+            x, residual = layer(x, residual, batch, cache.layer(i))
+        return kernels.add_rms_norm(residual, x, self.norm)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, D] -> [R, V] float32."""

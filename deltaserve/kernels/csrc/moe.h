@@ -50,11 +50,10 @@ static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& e
 
 // The sparse MoE block for few tokens: router softmax, top-k (renormalised if norm_topk), routed SwiGLU
 // experts and the sigmoid-gated shared expert. x [R, D]; router [E, D]; gate_up [E, 2I, D]; down [E, D, I];
-// shared_gate_up [2Is, D]; shared_down [D, Is]; shared_gate [1, D]. Returns [R, D], plus residual [R, D] if given
-// (the decoder layer's residual add, here to spare one more torch op per layer).
+// shared_gate_up [2Is, D]; shared_down [D, Is]; shared_gate [1, D]. Returns [R, D].
 torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gate_up, torch::Tensor down,
                         torch::Tensor shared_gate_up, torch::Tensor shared_down, torch::Tensor shared_gate,
-                        int64_t top_k, bool norm_topk, c10::optional<torch::Tensor> residual) {
+                        int64_t top_k, bool norm_topk) {
   const int64_t R = x.size(0), D = x.size(1), E = gate_up.size(0), I = down.size(2), Is = shared_down.size(1);
   const int64_t K1 = top_k + 1, P = R * K1;  // pairs per token: top_k routed, then the shared expert
   for (const auto& w : {router, gate_up, down, shared_gate_up, shared_down, shared_gate})
@@ -93,6 +92,5 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gat
   float* op = out.data_ptr<float>();
   for (int64_t p = 0; p < P; ++p)  // fixed order per token: routed choices, then the shared expert
     for (int64_t d = 0; d < D; ++d) op[p / K1 * D + d] += weight[p] * yp[p * D + d];
-  if (residual) out.add_(residual->contiguous());  // x + moe(x), in one rounding as the torch add would
   return out;
 }

@@ -98,7 +98,6 @@ def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], bat
                                   kv[0], kv[1], batch.token_slots, batch.positions, layer.d ** -0.5)
 
 
-
 def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: tuple[torch.Tensor, torch.Tensor],
                   batch) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per sequence, at most NATIVE_MAX_ROWS of them, through a whole DecoderLayer, with its forward's

@@ -29,9 +29,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 layer_cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D]: the previous layer's FFN output (or the embeddings); residual [T, D]: the stream before it
-        (None for the first layer). Returns (this layer's FFN output, the stream before it): each residual add
-        happens inside the next norm (one kernel for add + norm, as vLLM's layers pass the residual)."""
+        """x [T, D]: the previous layer's FFN output (or the embeddings); residual [T, D]: the residual stream x
+        is to be added to (None for the first layer). Returns (this layer's FFN output, the residual stream it is
+        to be added to): each residual add happens inside the next norm (one kernel for add + norm, as vLLM's
+        layers pass the residual)."""
         fused = kernels.decoder_layer_decode(x, residual, self, layer_cache, batch)  # float32 CPU, 1-2 sequences
         if fused is not None:
             return fused

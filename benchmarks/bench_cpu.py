@@ -104,11 +104,12 @@ def child_numbers(rev: str | None, path: Path, tokens: int, threads: int) -> dic
     """`ours` in a child process, with deltaserve as of git revision rev (None: this tree)."""
     tree = repo = Path(__file__).resolve().parent.parent
     if rev:  # by commit hash (HEAD means another commit tomorrow); from the repo root (else git archives a subtree)
-        rev = subprocess.run(["git", "rev-parse", rev], cwd=repo, capture_output=True, text=True, check=True).stdout
-        tree = Path(f"/tmp/deltaserve-base-{rev.strip()}")
+        rev = subprocess.run(["git", "rev-parse", rev], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        tree = Path(f"/tmp/deltaserve-base-{rev}")
         if not tree.exists():
             tree.mkdir()
-            archive = subprocess.run(["git", "archive", rev.strip()], cwd=repo, capture_output=True, check=True).stdout
+            archive = subprocess.run(["git", "archive", rev], cwd=repo, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     cmd = [sys.executable, __file__, "--child", str(path), "--tokens", str(tokens), "--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": str(tree)}

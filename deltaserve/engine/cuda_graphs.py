@@ -5,22 +5,21 @@ A step of n single-token segments runs the graph of the smallest captured B >= n
 positions and slots are written into a pinned host buffer before each replay, and the graph's first
 node copies them to the device, so one graph serves every slot assignment: no slot is ever baked into
 a graph (ik_llama.cpp #2260 read another slot's state that way). The host writes that buffer only
-after the previous replay has finished (an event), so a replay never reads half-written inputs. Padding rows carry slot -1, which every kernel skips (no state or KV read or written),
-and their logits are dropped. Graphs are captured on the first decode step, largest first, sharing
+after the previous replay has finished (an event), so a replay never reads half-written inputs.
+Padding rows carry slot -1, which every kernel skips (no state or KV read or written), and their
+logits are dropped. Graphs are captured on the first decode step, largest first, sharing
 one memory pool; capture runs with every row padding, so it leaves the cache untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 
 from .batch import BatchError, ForwardBatch, Segment, build_batch
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-COPY_IN_GRAPH = True  # the pinned-input copy as the graph's first node (A/B switch)
 
 
 class DecodeGraphs:
@@ -38,7 +37,6 @@ class DecodeGraphs:
         self.done = torch.cuda.Event()  # the last replay, which read the pinned inputs, has finished
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch]] = {}  # the batch keeps its tensors alive
         self.size_of = [next(s for s in self.sizes if s >= n) for n in range(top + 1)]  # n -> captured size
-        self.copy_in_graph = COPY_IN_GRAPH  # the input copy is the graph's first node (else one launch before it)
         self.logits: torch.Tensor | None = None  # [top, V] in the model's dtype, written by every replay
 
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
@@ -62,8 +60,6 @@ class DecodeGraphs:
         host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
         if n < size:
             host[:2, n:], host[2, n:] = 0, -1  # padding rows
-        if not self.copy_in_graph:
-            self.inputs[size].copy_(self.host[size], non_blocking=True)
         self.graphs[size][0].replay()
         self.done.record()
         return list(self.logits[:n].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
@@ -89,27 +85,14 @@ class DecodeGraphs:
         from ..kernels.triton.linear import linear
 
         size = batch.slots.shape[0]
-        if self.copy_in_graph:  # pinned host -> device, read when the graph runs
-            self.inputs[size].copy_(self.host[size], non_blocking=True)
+        self.inputs[size].copy_(self.host[size], non_blocking=True)  # pinned host -> device, when the graph runs
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight  # as HybridModel.logits
         linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
 
-    def _capture(self) -> None:
-        try:
-            self._capture_all()
-        except RuntimeError as err:  # a torch that cannot capture the pinned input copy: copy before each replay
-            if not self.copy_in_graph:
-                raise
-            warnings.warn(f"decode graphs: input copy not capturable ({err}); copying before each replay")
-            torch.cuda.synchronize()
-            self.graphs.clear()
-            self.copy_in_graph = False
-            self._capture_all()
-
     @torch.inference_mode()
-    def _capture_all(self) -> None:
+    def _capture(self) -> None:
         top = self.sizes[-1]
         for b in self.sizes:  # every row padding: capture (and its warm-up run) touches no state
             self.host[b][:2], self.host[b][2] = 0, -1

@@ -104,9 +104,7 @@ def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: 
     arguments and results (x, residual [B, D] -> FFN output, residual stream). The residual add, norms and token
     mixer (both projections included) are one native call, a MoE FFN another. cache: the layer's (conv,
     delta-rule) pools or (K, V) caches, updated in place at the batch's slots."""
-    mixer, weights, moe = _layer_args(layer)
-    if residual is not None:
-        residual = residual.contiguous()
+    mixer, weights, moe = _layer_args(layer)  # residual may have any strides: the block adds it into a new tensor
     if layer.kind == "linear_attention":
         stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.slots, batch.reset)
     else:

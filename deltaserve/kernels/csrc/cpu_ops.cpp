@@ -1,6 +1,6 @@
 // Float32 CPU kernels for few-token steps (issue 9), bound into one module: few-row matmul (matmul.h), the
 // MoE block (moe.h), the GDN decode step (gdn.h), the attention decode step (attention.h), norms (norm.h),
-// and a layer's whole mixer block for one or two tokens built from them (blocks.h).
+// and a layer's whole mixer block for one or two sequences built from them (blocks.h).
 //
 // Why: at decode sizes a step is bound by streaming weights and recurrent states from memory, and the
 // torch route pays ~25 small ops per GDN layer and a Python loop over experts. Here each weight row and

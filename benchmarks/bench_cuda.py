@@ -8,8 +8,9 @@ Two configs with real layer dimensions and RANDOM bf16 weights (HF's initialisat
   top-10 of width 512 + a shared expert of 512, vocab 151936.
 deltaserve's model is built from the HF model's tensors (shared storage where layouts agree).
 
-Per config: decode step time at np = 1, 8, 64, 256 (ModelRunner.run + greedy argmax, CUDA graphs; context
-128-140 tokens) and a bare replay of that step's graph (step minus replay: host work the GPU waits for),
+Per config: decode step time at np = 1, 8, 64, 256 (LLMEngine.step of greedy requests, CUDA graphs; context
+128-140 tokens), with overlap_decode (the default: step N+1 launched before step N's tokens are read) and
+without it (each step waits for its tokens before the next is built), and a bare replay of that step's graph,
 prefill tokens/s (4 x 1024 tokens in one step), the HBM roofline of each decode step and the ratio to it,
 and HF transformers (its default attention and experts code, fla kernels for the delta rule) timed the same way.
 Roofline bytes: every weight once (routed experts: the expected number hit under uniform routing,
@@ -17,7 +18,8 @@ E(1-(1-k/E)^np); embedding: np rows, or the whole table once when tied as the LM
 delta-rule state and conv window read and written, its KV read plus one row written, fp32 logits written;
 divided by the device-to-device copy bandwidth measured here (bytes read + written).
 
-Run: python benchmarks/bench_cuda.py [--configs qwen3.5-2b qwen3-next-8l] [--out results.json]
+Run: python benchmarks/bench_cuda.py [--configs qwen3.5-2b qwen3-next-8l] [--nps 1 8 64 256] [--no-hf]
+     [--out results.json]
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ import time
 import torch
 
 from common import commit
-from deltaserve.cache.state_cache import HybridCache
+from deltaserve import LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
 from deltaserve.engine.batch import Segment
-from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.layers.model import HybridModel
 from deltaserve.weights.hf_layout import hf_recipes
 
@@ -110,25 +111,27 @@ def decode_bytes(model: HybridModel, cfg: ModelConfig, np_: int, ctx: int) -> fl
     return total + np_ * (gdn * 2 * state + attn * (ctx + 1) * kv_row + cfg.vocab_size * 4)
 
 
-def ours_decode(runner: ModelRunner, vocab: int, np_: int) -> tuple[float, int, float | None]:
-    """(step time, context reached, time of a bare replay of the step's CUDA graph or None without graphs)."""
-    gen = torch.Generator().manual_seed(np_)
-    prompts = torch.randint(vocab, (np_, PROMPT), generator=gen).tolist()
-    toks = torch.cat(runner.run([Segment(p, 0, s) for s, p in enumerate(prompts)])).argmax(-1).tolist()
-    pos = PROMPT
-
-    def step():
-        nonlocal toks, pos
-        toks = torch.cat(runner.run([Segment([t], pos, s) for s, t in enumerate(toks)])).argmax(-1).tolist()
-        pos += 1
-
+def ours_decode(engine: LLMEngine, vocab: int, np_: int, overlap: bool) -> tuple[float, int]:
+    """(time of one LLMEngine.step of np_ greedy decodes, context reached)."""
+    engine.overlap_decode = overlap
+    prompts = torch.randint(vocab, (np_, PROMPT), generator=torch.Generator().manual_seed(np_)).tolist()
+    params = SamplingParams(max_tokens=WARM + STEPS + 2, temperature=0, ignore_eos=True)  # none ends while timed
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{np_}-{overlap}-{i}", p, params)
+    while len(engine.step()) < np_:  # the prefill step (budget: every prompt at once) and its first tokens
+        pass
     for _ in range(WARM):
-        step()
-    t = sync_time(step, STEPS)
-    if runner.graphs is None:
-        return t, pos, None
-    graph = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= np_)][0]
-    return t, pos, sync_time(graph.replay, STEPS)
+        engine.step()
+    t = sync_time(engine.step, STEPS)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return t, PROMPT + WARM + STEPS + 1
+
+
+def replay_time(engine: LLMEngine, np_: int) -> float | None:
+    """A bare replay of the np_-row decode graph (on the last step's inputs, now free slots)."""
+    graphs = engine.runner.graphs
+    return None if graphs is None else sync_time(graphs.graphs[graphs.size_of[np_]][0].replay, STEPS)
 
 
 def hf_decode(hf, vocab: int, np_: int) -> float:
@@ -151,27 +154,30 @@ def prefill(fn) -> float:
 
 
 @torch.inference_mode()
-def run_config(name: str, bandwidth: float, hf_too: bool) -> dict:
+def run_config(name: str, bandwidth: float, hf_too: bool, nps: list[int]) -> dict:
     arch, overrides = CONFIGS[name]
     hf, ours, cfg = build(arch, overrides)
-    cache = HybridCache(cfg, max(NPS), PREFILL[1] + 64, torch.bfloat16, "cuda")
-    runner = ModelRunner(ours, cache, torch.device("cuda"))
+    engine = LLMEngine(ours, cfg, max_num_seqs=max(nps), max_model_len=PREFILL[1] + 64,
+                       max_num_batched_tokens=max(nps) * PROMPT, device="cuda")
+    runner = engine.runner
     res = {"config": name, "params": sum(p.numel() for p in hf.parameters()), "decode": []}
     probe = torch.randint(cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(1)).tolist()
     mine = runner.run([Segment(probe, 0, 0, 64)])[0]
     theirs = hf(input_ids=torch.tensor([probe], device="cuda")).logits[0].float()
     res["parity_top1"] = float((mine.argmax(-1) == theirs.argmax(-1)).float().mean())
     res["parity_max_abs"] = float((mine - theirs).abs().max())
-    for np_ in NPS:
-        t, ctx, replay = ours_decode(runner, cfg.vocab_size, np_)
+    for np_ in nps:
+        sync, _ = ours_decode(engine, cfg.vocab_size, np_, overlap=False)
+        t, ctx = ours_decode(engine, cfg.vocab_size, np_, overlap=True)
         roof = decode_bytes(ours, cfg, np_, ctx) / bandwidth
-        row = {"np": np_, "ours_ms": t * 1e3, "replay_ms": replay * 1e3, "roof_ms": roof * 1e3, "ratio": t / roof}
+        row = {"np": np_, "ours_ms": t * 1e3, "sync_ms": sync * 1e3, "replay_ms": replay_time(engine, np_) * 1e3,
+               "roof_ms": roof * 1e3, "ratio": t / roof}
         if hf_too:
             row["hf_ms"] = hf_decode(hf, cfg.vocab_size, np_) * 1e3
         res["decode"].append(row)
         print(name, row, flush=True)
     graphs, runner.graphs = runner.graphs, None
-    res["eager_np1_ms"] = ours_decode(runner, cfg.vocab_size, 1)[0] * 1e3
+    res["eager_np1_ms"] = ours_decode(engine, cfg.vocab_size, 1, overlap=True)[0] * 1e3
     runner.graphs = graphs
     n, length = PREFILL
     prompts = torch.randint(cfg.vocab_size, (n, length), generator=torch.Generator().manual_seed(2))
@@ -188,12 +194,12 @@ def run_config(name: str, bandwidth: float, hf_too: bool) -> dict:
 def table(results: list[dict], bandwidth: float) -> str:
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), "
              f"torch {torch.__version__}, commit {commit()}, {datetime.date.today()}; random bf16 weights", "",
-             "| config | np | deltaserve ms/step | graph replay ms | tok/s | roofline ms | x roofline | HF ms/step | "
-             "HF / deltaserve |", "|---|---|---|---|---|---|---|---|---|"]
+             "| config | np | deltaserve ms/step | without overlap | graph replay ms | tok/s | roofline ms | x roofline | "
+             "HF ms/step | HF / deltaserve |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for d in r["decode"]:
             hf, speedup = ("-", "-") if "hf_ms" not in d else (f"{d['hf_ms']:.1f}", f"{d['hf_ms'] / d['ours_ms']:.1f}")
-            lines.append(f"| {r['config']} | {d['np']} | {d['ours_ms']:.2f} | {d['replay_ms']:.2f} | "
+            lines.append(f"| {r['config']} | {d['np']} | {d['ours_ms']:.3f} | {d['sync_ms']:.3f} | {d['replay_ms']:.3f} | "
                          f"{d['np'] / d['ours_ms'] * 1e3:.0f} | "
                          f"{d['roof_ms']:.2f} | {d['ratio']:.2f} | {hf} | {speedup} |")
     lines += ["", "| config | prefill t/s deltaserve | prefill t/s HF | eager np=1 ms (no graphs) | "
@@ -208,12 +214,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--nps", type=int, nargs="+", default=list(NPS), help="decode batch sizes")
     ap.add_argument("--out", help="write the raw results as JSON here")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     results = []
     for name in args.configs:
-        results.append(run_config(name, bandwidth, not args.no_hf))
+        results.append(run_config(name, bandwidth, not args.no_hf, args.nps))
         gc.collect()  # the config's models and cache
         torch.cuda.empty_cache()
     if args.out:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltaserve import LLM, SamplingParams
+from drive import drive
 
 
 def make_llm(path, max_num_seqs=16):
@@ -26,28 +27,8 @@ def llm(model_dir):
     return make_llm(model_dir)
 
 
-def drive(engine, requests):
-    """requests: (rid, prompt, params, arrive_step, abort_step | None). Returns {rid: (tokens, logits | None)}."""
-    results, step = {}, 0
-    pending = sorted(requests, key=lambda r: r[3])
-    aborts = {r[0]: r[4] for r in requests if r[4] is not None}
-    while pending or engine.has_unfinished_requests():
-        while pending and pending[0][3] <= step:
-            rid, prompt, params, _, _ = pending.pop(0)
-            engine.add_request(rid, prompt, params, keep_logits=True)
-            results[rid] = ([], None)
-        for rid, at in list(aborts.items()):
-            if at == step and rid in results:
-                engine.abort_request(rid)
-                del aborts[rid]
-        for out in engine.step():
-            results[out.request_id] = (out.token_ids, out.logits)
-        step += 1
-    return results
-
-
 def solo(engine, rid, prompt, params):
-    return drive(engine, [(rid, prompt, params, 0, None)])[rid]
+    return drive(engine, [(rid, prompt, params, 0, None)])[rid][:2]
 
 
 @pytest.mark.parametrize("np_", [1, 2, 3, 4, 6, 8, 16])
@@ -67,7 +48,7 @@ def test_each_sequence_matches_its_solo_run(model_dir, np_):
     assert engine.stats.max_batch_seqs >= min(np_, 2)
     for rid, prompt, params, _, abort in requests:
         ref_tokens, ref_logits = solo(engine, rid + "-solo", prompt, params)
-        tokens, logits = together[rid]
+        tokens, logits, _ = together[rid]
         if abort is None:
             assert tokens == ref_tokens, rid
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)

@@ -2,13 +2,14 @@
 
 Letters: B = captured batch size, n = sequences in the step (n <= B), V = vocab.
 A step of n single-token segments runs the graph of the smallest captured B >= n. Token ids,
-positions and slots are written into a pinned host buffer before each replay, and the graph's first
-node copies them to the device, so one graph serves every slot assignment: no slot is ever baked into
-a graph (ik_llama.cpp #2260 read another slot's state that way). The host writes that buffer only
-after the previous replay has finished (an event), so a replay never reads half-written inputs.
+positions and slots are written into a pinned host buffer and copied into the graph's static device
+inputs before each replay, so one graph serves every slot assignment: no slot is ever baked into a
+graph (ik_llama.cpp #2260 read another slot's state that way). A greedy step chained onto the
+previous one (`launch` with prev) takes its token ids from that step's argmax on the device instead.
 Padding rows carry slot -1, which every kernel skips (no state or KV read or written), and their
-logits are dropped. Graphs are captured on the first decode step, largest first, sharing
-one memory pool; capture runs with every row padding, so it leaves the cache untouched.
+logits are dropped. Every replay writes the logits and their argmax into static buffers. Graphs are
+captured on the first decode step, largest first, sharing one memory pool; capture runs with every
+row padding, so it leaves the cache untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import torch
 
 from .batch import BatchError, ForwardBatch, Segment, build_batch
+from .greedy_tokens import GreedyTokens
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -28,19 +30,35 @@ class DecodeGraphs:
         limit = min(max_batch, cache.max_num_seqs)
         self.sizes = [s for s in CAPTURE_SIZES if s < limit] + [limit]
         top = self.sizes[-1]
-        # per captured size, contiguous: rows token ids, positions, slots (pinned host, filled in place each step;
-        # its device twin is what the graph's kernels read) and the reset flags computed in the graph
+        # per captured size, contiguous: rows token ids, positions, slots (pinned host, filled in place each step,
+        # then copied whole into its device twin, which the graph's kernels read) and the reset flags the graph computes
         self.host = {b: torch.zeros(3, b, dtype=torch.long, pin_memory=True) for b in self.sizes}
         self.host_np = {b: h.numpy() for b, h in self.host.items()}
         self.inputs = {b: torch.zeros(3, b, dtype=torch.long, device=device) for b in self.sizes}
         self.reset = {b: torch.zeros(b, dtype=torch.bool, device=device) for b in self.sizes}
-        self.done = torch.cuda.Event()  # the last replay, which read the pinned inputs, has finished
+        self.copied = torch.cuda.Event()  # the last host -> device input copy has read the pinned buffer
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, ForwardBatch]] = {}  # the batch keeps its tensors alive
         self.size_of = [next(s for s in self.sizes if s >= n) for n in range(top + 1)]  # n -> captured size
         self.logits: torch.Tensor | None = None  # [top, V] in the model's dtype, written by every replay
+        self.tokens = torch.zeros(top, dtype=torch.long, device=device)  # [top] argmax of each logits row
 
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
         """Each segment's logits ([1, V] float32, input order), or None when this step is not a plain decode."""
+        if (step := self._replay(segments, None)) is None:
+            return None
+        return list(self.logits[:step].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
+
+    def launch(self, segments: list[Segment], prev: GreedyTokens | None) -> GreedyTokens | None:
+        """Starts a greedy step and returns its tokens without waiting, or None when it is not a plain decode.
+
+        With prev (the previous launch, same sequences in the same rows), row i's input token is prev's
+        row i, taken on the device; the segments' token ids are then placeholders."""
+        if (n := self._replay(segments, prev)) is None:
+            return None
+        return GreedyTokens.of(self.tokens[:n])
+
+    def _replay(self, segments: list[Segment], prev: GreedyTokens | None) -> int | None:
+        """Writes the step's inputs and replays its graph; the number of rows, or None (not a plain decode)."""
         n = len(segments)
         if n > self.sizes[-1]:
             return None
@@ -55,14 +73,19 @@ class DecodeGraphs:
         if not self.graphs:
             self._capture()
         size = self.size_of[n]
-        self.done.synchronize()  # the last replay has read the pinned buffer
+        # the last input copy ran before the graph now on the GPU started, so this rarely waits
+        self.copied.synchronize()
         host = self.host_np[size]
         host[0, :n], host[1, :n], host[2, :n] = ids, pos, slots
         if n < size:
             host[:2, n:], host[2, n:] = 0, -1  # padding rows
+        inputs = self.inputs[size]
+        inputs.copy_(self.host[size], non_blocking=True)  # one contiguous pinned -> device copy
+        self.copied.record()
+        if prev is not None:
+            inputs[0, :n].copy_(prev.device)
         self.graphs[size][0].replay()
-        self.done.record()
-        return list(self.logits[:n].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
+        return n
 
     def _check(self, slots: list[int], pos: list[int]) -> None:
         """The guards build_batch would apply: a bad slot or position must not reach a kernel."""
@@ -85,11 +108,11 @@ class DecodeGraphs:
         from ..kernels.triton.linear import linear
 
         size = batch.slots.shape[0]
-        self.inputs[size].copy_(self.host[size], non_blocking=True)  # pinned host -> device, when the graph runs
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight  # as HybridModel.logits
-        linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
+        logits = linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
+        torch.argmax(logits, dim=-1, out=self.tokens[:size])
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -16,6 +16,7 @@ from ..sampling.sampler import sample, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
+from .greedy_tokens import GreedyTokens
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .speculative import MTPDrafter, accept
@@ -42,6 +43,12 @@ class RequestOutput:
 
 
 @dataclass
+class InFlight:
+    seqs: list[Sequence]  # row order of the step
+    tokens: GreedyTokens
+
+
+@dataclass
 class EngineStats:
     steps: int = 0
     tokens: int = 0  # tokens run through the model
@@ -51,14 +58,18 @@ class EngineStats:
     max_batch_seqs: int = 0
     draft_tokens: int = 0  # speculative decoding: drafts verified / accepted
     accepted_tokens: int = 0
+    overlapped_steps: int = 0  # greedy decode steps launched before the previous step's tokens were read
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
 
 
 class LLMEngine:
     def __init__(self, model, cfg, tokenizer: Tokenizer | None = None, *, max_num_seqs: int = 16,
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None,
-                 extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu"):
-        """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights."""
+                 extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
+                 overlap_decode: bool | None = None):
+        """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
+        overlap_decode: in runs of greedy decode steps, launch step N+1 (its input tokens taken on the device)
+        before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.max_model_len = max_model_len
@@ -73,6 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SlotTable(max_num_seqs), max_num_batched_tokens or max(2048, max_num_seqs))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else overlap_decode
+        self.in_flight: InFlight | None = None  # a launched greedy decode step whose tokens are not read yet
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kwargs) -> "LLMEngine":
@@ -112,12 +125,60 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if not plan:
-            return []
+        """Runs one step and returns its outputs. A greedy decode step may leave the next one running."""
+        if self.in_flight is None:
+            plan = self.scheduler.schedule()
+            if not plan:
+                return []
+            if not self._overlappable(plan):
+                return self._run(plan)
+            self.in_flight = self._launch(plan, None)
+        done, self.in_flight = self.in_flight, None
+        if self._chainable(done):
+            self.in_flight = self._launch(self.scheduler.schedule(), done)
+        return self._collect(done)
+
+    def _overlappable(self, plan: list[tuple[Sequence, int]]) -> bool:
+        """A plain decode step in which every sequence takes its argmax and wants no logits."""
+        return self.overlap_decode and self.drafter is None and all(
+            n == 1 and not seq.in_prefill and seq.params.greedy and not seq.keep_logits
+            and seq.params.logprobs is None for seq, n in plan)
+
+    def _chainable(self, done: InFlight) -> bool:
+        """Whether the next plan is surely `done`'s sequences again, one decode each, before reading its tokens.
+
+        A sequence that finishes at `done` still runs one more step (its token is dropped; its slot is
+        reset by the next owner's prefill, which runs after it on the stream)."""
+        sched = self.scheduler
+        return (len(sched.running) == len(done.seqs) and all(a is b for a, b in zip(sched.running, done.seqs))
+                and not (sched.waiting and sched.slots.available) and len(done.seqs) <= sched.budget
+                and self._overlappable([(seq, 1) for seq in done.seqs]))
+
+    def _launch(self, plan: list[tuple[Sequence, int]], prev: InFlight | None) -> InFlight:
+        """Starts a greedy decode step. After prev (not read yet), each input token is prev's on the device,
+        one position further than the cache holds on the host's books."""
+        if prev is None:
+            segments = [Segment(seq.next_tokens(1), seq.num_computed, seq.slot) for seq, _ in plan]
+        else:
+            segments = [Segment([0], seq.num_computed + 1, seq.slot) for seq, _ in plan]  # [0]: taken from prev
+        tokens = self.runner.launch_greedy(segments, None if prev is None else prev.tokens)
+        self._count(plan)
+        self.stats.overlapped_steps += prev is not None
+        return InFlight([seq for seq, _ in plan], tokens)
+
+    def _collect(self, done: InFlight) -> list[RequestOutput]:
+        outputs = []
+        for seq, tok in zip(done.seqs, done.tokens.tolist()):
+            if seq.status is Status.RUNNING:  # one finished or aborted since the launch drops its token
+                seq.num_computed += 1
+                outputs.append(self._emit(seq, [tok], None))
+        return outputs
+
+    def _run(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """A step that waits for its logits: prefills, sampling, verifies, kept logits."""
         segments = [self._segment(seq, n) for seq, n in plan]
         if self.drafter:
             logits, hidden = self.runner.run(segments, keep_hidden=True)
@@ -163,14 +224,15 @@ class LLMEngine:
         tokens = seq.next_tokens(1) + seq.draft_ids[: n - 1]
         return Segment(tokens, seq.num_computed, seq.slot, n, self.drafter.snapshot_slots(seq, n))
 
-    def _emit(self, seq: Sequence, tokens: list[int], rows: torch.Tensor) -> RequestOutput:
-        """Appends new tokens (rows[i]: the logits token i came from) until a stop condition."""
-        for tok, row in zip(tokens, rows):
+    def _emit(self, seq: Sequence, tokens: list[int], rows: torch.Tensor | None) -> RequestOutput:
+        """Appends new tokens (rows[i]: the logits token i came from; None when nobody wants them) until a stop
+        condition."""
+        for i, tok in enumerate(tokens):
             seq.output_ids.append(tok)
             if seq.keep_logits:
-                seq.output_logits.append(row)
+                seq.output_logits.append(rows[i])
             if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprobs(row, tok, seq.params.logprobs))
+                seq.logprobs.append(token_logprobs(rows[i], tok, seq.params.logprobs))
             self.stats.generated_tokens += 1
             reason = self._stop_reason(seq, tok)
             if reason:

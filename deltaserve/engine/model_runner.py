@@ -9,6 +9,7 @@ from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from .batch import BatchError, Segment, build_batch, decompose_tokens
 from .cuda_graphs import DecodeGraphs
+from .greedy_tokens import GreedyTokens
 
 
 class ModelRunner:
@@ -31,6 +32,21 @@ class ModelRunner:
         hidden = self.model(batch, self.cache)
         logits = batch.split_logits(self.model.logits(hidden[batch.logits_index]))
         return (logits, batch.split_tokens(hidden)) if keep_hidden else logits
+
+    @torch.inference_mode()
+    def launch_greedy(self, segments: list[Segment], prev: GreedyTokens | None) -> GreedyTokens:
+        """Starts a step of single-token segments whose next tokens are their argmax; does not wait for them.
+
+        With prev (the previous launch, same sequences in the same order), each segment's input token is
+        prev's token for it, still on the device (the segments' token ids are then placeholders)."""
+        if self.graphs is not None and (tokens := self.graphs.launch(segments, prev)) is not None:
+            return tokens
+        if any(len(s.token_ids) != 1 or s.snapshot_slots for s in segments):
+            raise BatchError("launch_greedy takes single-token segments only")
+        batch = self._batch(segments)  # single-token segments keep their order: row i is segment i
+        if prev is not None:
+            batch.input_ids.copy_(prev.device)
+        return GreedyTokens.of(self.model.logits(self.model(batch, self.cache)).argmax(-1))
 
     @torch.inference_mode()
     def run_mtp(self, segments: list[Segment], hidden: list[torch.Tensor], step: int):

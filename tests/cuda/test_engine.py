@@ -14,28 +14,12 @@ if not torch.cuda.is_available():
 
 from deltaserve import LLMEngine, SamplingParams  # noqa: E402
 from deltaserve.engine.batch import Segment  # noqa: E402
+from drive import drive  # noqa: E402
+
 
 def engine(path, np_: int, budget: int = 64) -> LLMEngine:
     return LLMEngine.from_pretrained(path, device="cuda", dtype="float32", max_num_seqs=np_, max_model_len=256,
                                      max_num_batched_tokens=budget)
-
-
-def drive(eng: LLMEngine, requests) -> dict:
-    """requests: (rid, prompt, params, arrive_step, abort_step | None) -> {rid: (tokens, logits)}."""
-    results, step = {}, 0
-    pending = sorted(requests, key=lambda r: r[3])
-    while pending or eng.has_unfinished_requests():
-        while pending and pending[0][3] <= step:
-            rid, prompt, params, _, _ = pending.pop(0)
-            eng.add_request(rid, prompt, params, keep_logits=True)
-            results[rid] = ([], None)
-        for rid, _, _, _, abort in requests:
-            if abort == step and rid in results:
-                eng.abort_request(rid)
-        for out in eng.step():
-            results[out.request_id] = (out.token_ids, out.logits)
-        step += 1
-    return results
 
 
 @pytest.mark.parametrize("np_", [1, 8, 64])
@@ -54,8 +38,8 @@ def test_each_sequence_matches_its_solo_run(tiny_dirs, arch, np_, note):
     diffs = []
     assert eng.stats.max_batch_seqs >= min(np_, 2)
     for rid, prompt, params, _, abort in requests:
-        ref_tokens, ref_logits = drive(eng, [(rid + "-solo", prompt, params, 0, None)])[rid + "-solo"]
-        tokens, logits = together[rid]
+        ref_tokens, ref_logits = drive(eng, [(rid + "-solo", prompt, params, 0, None)])[rid + "-solo"][:2]
+        tokens, logits, _ = together[rid]
         if abort is None:
             assert tokens == ref_tokens, rid
             diffs.append(float((logits - ref_logits).abs().max()))
@@ -64,6 +48,28 @@ def test_each_sequence_matches_its_solo_run(tiny_dirs, arch, np_, note):
             assert tokens == ref_tokens[: len(tokens)], rid
     assert eng.scheduler.slots.available == eng.cache.max_num_seqs
     note(f"engine {arch} np={np_}: max |logit difference| batched vs solo {max(diffs, default=0):.2e}")
+
+
+@pytest.mark.parametrize("np_", [1, 8, 64])
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+def test_overlapped_greedy_decode_matches_solo(tiny_dirs, arch, np_):
+    """Greedy requests that keep no logits take the overlapped path: step N+1 is launched from step N's argmax
+    on the device before the host reads it. Each sequence's tokens equal its solo run on the step-by-step
+    engine; sequences finish (length, abort) while the others' next step is in flight, and slots are reused."""
+    eng, ref = engine(tiny_dirs[arch], np_), engine(tiny_dirs[arch], np_)
+    ref.overlap_decode = False
+    rng = random.Random(100 + np_)
+    vocab = eng.cfg.vocab_size
+    requests = [(f"r{i}", [rng.randrange(vocab) for _ in range(rng.randint(1, 40))],
+                 SamplingParams(max_tokens=rng.randint(4, 20), temperature=0), rng.randint(0, 8),
+                 rng.randint(3, 8) if i % 7 == 6 else None) for i in range(max(2, 2 * np_))]
+    together = drive(eng, requests, keep_logits=False)
+    assert eng.stats.overlapped_steps >= 5 and eng.in_flight is None
+    for rid, prompt, params, _, abort in requests:
+        solo = drive(ref, [(rid, prompt, params, 0, None)], keep_logits=False)[rid][0]
+        tokens = together[rid][0]
+        assert tokens == (solo if abort is None else solo[: len(tokens)]), rid
+    assert eng.scheduler.slots.available == eng.cache.max_num_seqs
 
 
 def pools(eng: LLMEngine) -> list[torch.Tensor]:

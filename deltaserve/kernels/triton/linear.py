@@ -44,6 +44,25 @@ def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr,
 
 
 @triton.jit
+def gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED: tl.constexpr):
+    """One K block of a GEMV over BN rows: acc += W[rows, o_k] * x[o_k] ([BN, BK] float32; b_x [1, BK]);
+    GATED: also acc_u += U[rows, o_k] * x[o_k] for the up rows at p_u."""
+    acc += tl.load(p_w + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
+    if GATED:
+        acc_u += tl.load(p_u + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
+    return acc, acc_u
+
+
+@triton.jit
+def gemv_rows(acc, acc_u, GATED: tl.constexpr):
+    """[BN] results of gemv_block's accumulators: the row sums, or SiLU(gate) * up when GATED."""
+    y = tl.sum(acc, axis=1)
+    if GATED:
+        y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
+    return y
+
+
+@triton.jit
 def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SWIGLU: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
     """out[n] = W[n] . x; SWIGLU: out[n] = SiLU(W[n] . x) * (W[N + n] . x), W [2N, K] rows [gate | up].
@@ -70,12 +89,8 @@ def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, 
     for k0 in range(BK, K, BK):  # K % BK == 0
         o_k = k0 + tl.arange(0, BK)
         b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD)[None, :]
-        acc += tl.load(p_w + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
-        if SWIGLU:
-            acc_u += tl.load(p_u + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
-    y = tl.sum(acc, axis=1)
-    if SWIGLU:
-        y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
+        acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, SWIGLU)
+    y = gemv_rows(acc, acc_u, SWIGLU)
     tl.store(out + o_n, y.to(out.dtype.element_ty), mask=m_n)
 
 

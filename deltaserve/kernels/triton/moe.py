@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import linear, pdl, swiglu_gemv
+from .linear import gemv_block, gemv_rows, linear, pdl, swiglu_gemv
 from .rowwise import gate_mul
 
 
@@ -153,13 +153,9 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
     for k0 in range(0, K, BK):  # K % BK == 0
         o_k = k0 + tl.arange(0, BK)
         b_x = tl.load(x + src * stride_x + o_k).to(tl.float32)[None, :]
-        acc += tl.load(p_w + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
-        if GATED:
-            acc_u += tl.load(p_u + o_k[None, :], mask=m_n[:, None], other=0.).to(tl.float32) * b_x
-    y = tl.sum(acc, axis=1)
-    if GATED:
-        y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
-    else:
+        acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED)
+    y = gemv_rows(acc, acc_u, GATED)
+    if not GATED:
         y = y * tl.load(scale + p, mask=p < P, other=1.)
     tl.store(out + p.to(tl.int64) * N + o_n, y.to(out.dtype.element_ty), mask=m_n)
 

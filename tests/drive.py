@@ -1,0 +1,23 @@
+"""Runs a scripted workload through an engine: arrivals and aborts at given steps, step until all end."""
+
+
+def drive(engine, requests, keep_logits: bool = True) -> dict:
+    """requests: (rid, prompt, params, arrive_step, abort_step | None).
+
+    Returns {rid: (token ids, logits [n, V] or None, finish reason or None)}, from each request's last output."""
+    results, step = {}, 0
+    pending = sorted(requests, key=lambda r: r[3])
+    aborts = {r[0]: r[4] for r in requests if r[4] is not None}
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][3] <= step:
+            rid, prompt, params, _, _ = pending.pop(0)
+            engine.add_request(rid, prompt, params, keep_logits=keep_logits)
+            results[rid] = ([], None, None)
+        for rid, at in list(aborts.items()):
+            if at == step and rid in results:
+                engine.abort_request(rid)
+                del aborts[rid]
+        for out in engine.step():
+            results[out.request_id] = (out.token_ids, out.logits, out.finish_reason)
+        step += 1
+    return results

@@ -1,0 +1,66 @@
+"""The sampler: inverse-CDF draws on the device follow filter_logits' distribution exactly, row by row.
+
+A uniform grid of N points u = (j + 0.5) / N pushed through the inverse CDF hits each token
+N * p(token) times, give or take one; tokens that top-k / top-p remove are never hit.
+"""
+
+import pytest
+import torch
+
+from deltaserve.sampling import sampler
+from deltaserve.sampling.params import SamplingParams
+from deltaserve.sampling.sampler import draw, filter_logits, sample
+
+N = 4000
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PARAMS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.5),
+    SamplingParams(temperature=2.0, top_k=7),
+    SamplingParams(temperature=0.8, top_p=0.6),
+    SamplingParams(temperature=1.3, top_k=40, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=1e-6),  # the top token alone
+    SamplingParams(temperature=0.7, top_k=100_000),  # wider than the vocabulary: off
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab,candidates", [(50, 1024), (3000, 1024), (3000, 16)])
+@pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
+def test_draw_inverts_the_filtered_distribution(monkeypatch, vocab, candidates, p, device):
+    """candidates 16 at vocab 3000: top-p's nucleus is wider than the candidates, so the full sort runs."""
+    monkeypatch.setattr(sampler, "CANDIDATES", candidates)
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * 2
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    tokens = draw(logits.expand(N, vocab).to(device), [p] * N, u.to(device)).cpu()
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    probs = filter_logits(logits, p).softmax(-1).double()
+    assert counts.sum() == N
+    assert torch.all(counts[probs == 0] == 0)
+    assert (counts - N * probs).abs().max() <= 1.0 + 1e-6
+
+
+def test_rows_depend_only_on_their_generator(monkeypatch):
+    """A row's token is the same alone or among other rows (greedy and sampled, different filters, some rows
+    with a nucleus wider than the candidates and some without)."""
+    monkeypatch.setattr(sampler, "CANDIDATES", 16)
+    vocab = 500
+    scale = torch.tensor([0.2, 8.0, 0.2, 8.0, 0.5, 3.0])[:, None]
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(3)) * scale
+    params = [PARAMS[i % len(PARAMS)] for i in range(5)] + [SamplingParams(temperature=0)]
+    for trial in range(20):
+        together = sample(logits, params, [torch.Generator().manual_seed(100 * trial + i) for i in range(6)])
+        alone = [sample(logits[i:i + 1], [params[i]], [torch.Generator().manual_seed(100 * trial + i)])[0]
+                 for i in range(6)]
+        assert together == alone
+    assert together[5] == int(logits[5].argmax())
+
+
+def test_extreme_uniforms_never_pick_a_removed_token():
+    """u = 0 and u just below 1 (u * total rounds up to the total in float32) land on kept tokens."""
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.5)]
+    for u in (0.0, 1.0 - 2.0 ** -53):
+        tokens = draw(logits, params, torch.tensor([u, u], dtype=torch.float64))
+        for row, p, tok in zip(logits, params, tokens.tolist()):
+            assert filter_logits(row, p)[tok] > float("-inf"), (u, p)

@@ -32,10 +32,11 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def server(model_dir) -> Iterator[LiveServer]:
+@pytest.fixture(scope="module", params=[False, True], ids=["step-by-step", "overlapped"])
+def server(model_dir, request) -> Iterator[LiveServer]:
+    """Every server test runs twice: greedy decode steps waited for one by one, and overlapped (CUDA's default)."""
     live = LiveServer(ServerConfig(model_dir, served_model_name="tiny", api_key=API_KEY, max_num_seqs=8,
-                                   max_model_len=256, max_queue=64))
+                                   max_model_len=256, max_queue=64, overlap_decode=request.param))
     live.wait_ready()
     yield live
     live.stop()

@@ -50,6 +50,7 @@ class LiveServer:
     step_delay_s slows every step (so that a request outlives a client's timeout however fast the engine)."""
 
     def __init__(self, config: ServerConfig, before_load: Callable[[], None] | None = None, grace_s: float = 10.0):
+        self.config = config
         self.fail_next_step = threading.Event()
         self.step_delay_s = 0.0
 
@@ -57,16 +58,10 @@ class LiveServer:
             if before_load:
                 before_load()
             engine = LLMEngine.from_pretrained(config.model, max_num_seqs=config.max_num_seqs,
-                                               max_model_len=config.max_model_len, spec_tokens=config.spec_tokens)
-            run = engine.runner.run
-
-            def faulty_run(*args, **kwargs):  # fails mid-step: sequences already hold slots
-                if self.fail_next_step.is_set():
-                    self.fail_next_step.clear()
-                    raise RuntimeError("injected fault")
-                time.sleep(self.step_delay_s)
-                return run(*args, **kwargs)
-            engine.runner.run = faulty_run
+                                               max_model_len=config.max_model_len, spec_tokens=config.spec_tokens,
+                                               overlap_decode=config.overlap_decode)
+            for name in ("run", "launch_greedy"):  # every way a step reaches the model
+                setattr(engine.runner, name, self._faulty(getattr(engine.runner, name)))
             return engine
 
         self.app = create_app(config, make_engine=make_engine)
@@ -82,6 +77,15 @@ class LiveServer:
         while not self.server.started:
             assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
             time.sleep(0.01)
+
+    def _faulty(self, run: Callable) -> Callable:
+        def faulty_run(*args, **kwargs):  # fails mid-step: sequences already hold slots
+            if self.fail_next_step.is_set():
+                self.fail_next_step.clear()
+                raise RuntimeError("injected fault")
+            time.sleep(self.step_delay_s)
+            return run(*args, **kwargs)
+        return faulty_run
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

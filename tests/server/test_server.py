@@ -185,9 +185,12 @@ def test_concurrent_streams_each_get_their_solo_answer(server):
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as ac:
             return await asyncio.gather(*(one(ac, i) for i in range(len(PROMPTS))))
 
-    before = metrics(server)["generation_tokens_total"]
+    before = metrics(server)
     assert asyncio.run(together()) == solo
-    assert metrics(server)["generation_tokens_total"] > before
+    after = metrics(server)
+    assert after["generation_tokens_total"] > before["generation_tokens_total"]
+    overlapped = after["engine_overlapped_steps_total"] - before["engine_overlapped_steps_total"]
+    assert (overlapped > 0) == bool(server.config.overlap_decode)
     wait_idle(server)
 
 

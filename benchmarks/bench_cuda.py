@@ -52,6 +52,7 @@ CONFIGS = {
         shared_expert_intermediate_size=512, intermediate_size=5120, tie_word_embeddings=False)),
 }
 NPS, PROMPT, STEPS, WARM = (1, 8, 64, 256), 128, 10, 2
+SAMPLED = dict(temperature=0.8, top_k=50)  # the sampled decode rows (greedy: temperature 0)
 PREFILL = (4, 1024)
 
 
@@ -111,13 +112,14 @@ def decode_bytes(model: HybridModel, cfg: ModelConfig, np_: int, ctx: int) -> fl
     return total + np_ * (gdn * 2 * state + attn * (ctx + 1) * kv_row + cfg.vocab_size * 4)
 
 
-def ours_decode(engine: LLMEngine, vocab: int, np_: int, overlap: bool) -> tuple[float, int]:
-    """(time of one LLMEngine.step of np_ greedy decodes, context reached)."""
+def ours_decode(engine: LLMEngine, vocab: int, np_: int, overlap: bool, sampled: bool = False) -> tuple[float, int]:
+    """(time of one LLMEngine.step of np_ decodes, context reached); greedy, or SAMPLED's parameters."""
     engine.overlap_decode = overlap
     prompts = torch.randint(vocab, (np_, PROMPT), generator=torch.Generator().manual_seed(np_)).tolist()
-    params = SamplingParams(max_tokens=WARM + STEPS + 2, temperature=0, ignore_eos=True)  # none ends while timed
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{np_}-{overlap}-{i}", p, params)
+    kind = SAMPLED if sampled else {"temperature": 0}
+    for i, p in enumerate(prompts):  # none ends while timed
+        params = SamplingParams(max_tokens=WARM + STEPS + 2, ignore_eos=True, seed=i, **kind)
+        engine.add_request(f"{np_}-{overlap}-{sampled}-{i}", p, params)
     while len(engine.step()) < np_:  # the prefill step (budget: every prompt at once) and its first tokens
         pass
     for _ in range(WARM):
@@ -169,9 +171,12 @@ def run_config(name: str, bandwidth: float, hf_too: bool, nps: list[int]) -> dic
     for np_ in nps:
         sync, _ = ours_decode(engine, cfg.vocab_size, np_, overlap=False)
         t, ctx = ours_decode(engine, cfg.vocab_size, np_, overlap=True)
+        sampled_sync, _ = ours_decode(engine, cfg.vocab_size, np_, overlap=False, sampled=True)
+        sampled, _ = ours_decode(engine, cfg.vocab_size, np_, overlap=True, sampled=True)
         roof = decode_bytes(ours, cfg, np_, ctx) / bandwidth
         row = {"np": np_, "ours_ms": t * 1e3, "sync_ms": sync * 1e3, "replay_ms": replay_time(engine, np_) * 1e3,
-               "roof_ms": roof * 1e3, "ratio": t / roof}
+               "roof_ms": roof * 1e3, "ratio": t / roof, "sampled_ms": sampled * 1e3,
+               "sampled_sync_ms": sampled_sync * 1e3}
         if hf_too:
             row["hf_ms"] = hf_decode(hf, cfg.vocab_size, np_) * 1e3
         res["decode"].append(row)
@@ -202,6 +207,12 @@ def table(results: list[dict], bandwidth: float) -> str:
             lines.append(f"| {r['config']} | {d['np']} | {d['ours_ms']:.3f} | {d['sync_ms']:.3f} | {d['replay_ms']:.3f} | "
                          f"{d['np'] / d['ours_ms'] * 1e3:.0f} | "
                          f"{d['roof_ms']:.2f} | {d['ratio']:.2f} | {hf} | {speedup} |")
+    lines += ["", f"Sampled decode ({', '.join(f'{k} {v}' for k, v in SAMPLED.items())}, seeded):", "",
+              "| config | np | ms/step (overlap) | without overlap | greedy ms/step (overlap) |", "|---|---|---|---|---|"]
+    for r in results:
+        for d in r["decode"]:
+            lines.append(f"| {r['config']} | {d['np']} | {d['sampled_ms']:.3f} | {d['sampled_sync_ms']:.3f} | "
+                         f"{d['ours_ms']:.3f} |")
     lines += ["", "| config | prefill t/s deltaserve | prefill t/s HF | eager np=1 ms (no graphs) | "
               "top-1 agreement with HF (64 tokens) |", "|---|---|---|---|---|"]
     for r in results:

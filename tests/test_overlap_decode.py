@@ -1,9 +1,10 @@
-"""Overlapped greedy decoding (overlap_decode): step N+1 starts before the host reads step N's tokens.
+"""Overlapped decoding (overlap_decode): step N+1 starts before the host reads step N's tokens.
 
 On the CPU the launch is synchronous, but the engine's books are the same as on CUDA: a chained step
-takes its input tokens from the previous step's argmax, sequences that finish (stop token, length,
-abort) at step N still run in N+1 and have that token dropped, and their slot is reused afterwards.
-Every test compares with the step-by-step engine, which samples from logits on the host.
+takes its input tokens from the previous step's tokens (argmax, or drawn with the uniform its sequence's
+generator gave at launch), sequences that finish (stop token, length, abort) at step N still run in
+N+1 and have that token dropped, and their slot is reused afterwards. Every test compares with the
+step-by-step engine: the same tokens, seeded sampled ones included.
 """
 
 import random
@@ -27,17 +28,17 @@ def workload(vocab: int, seed: int, n: int) -> list:
     requests = []
     for i in range(n):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
-        if i % 4 == 3:  # sampled: its steps wait for logits on the host
-            params = SamplingParams(max_tokens=rng.randint(3, 12), temperature=0.8, seed=i)
-        else:
-            params = SamplingParams(max_tokens=rng.randint(3, 12), temperature=0)
+        sampling = [dict(temperature=0), dict(temperature=0), dict(temperature=0.8, seed=i),
+                    dict(temperature=1.2, top_k=5, seed=i), dict(temperature=0.9, top_k=20, top_p=0.8, seed=i),
+                    dict(temperature=0.7, top_p=0.7, seed=i)][i % 6]  # the last (top-p alone) waits for logits
+        params = SamplingParams(max_tokens=rng.randint(3, 12), **sampling)
         requests.append((f"r{i}", prompt, params, rng.randint(0, 10), rng.randint(2, 8) if i % 5 == 4 else None))
     return requests
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
 def test_overlapped_decode_gives_the_step_by_step_tokens(tiny_dirs, arch):
-    requests = workload(256, seed=1, n=10)
+    requests = workload(256, seed=1, n=12)
     ref = drive(make_engine(tiny_dirs[arch], overlap=False), requests, keep_logits=False)
     eng = make_engine(tiny_dirs[arch], overlap=True)
     got = drive(eng, requests, keep_logits=False)

@@ -4,8 +4,8 @@ Letters: B = captured batch size, n = sequences in the step (n <= B), V = vocab.
 A step of n single-token segments runs the graph of the smallest captured B >= n. Token ids,
 positions and slots are written into a pinned host buffer and copied into the graph's static device
 inputs before each replay, so one graph serves every slot assignment: no slot is ever baked into a
-graph (ik_llama.cpp #2260 read another slot's state that way). A greedy step chained onto the
-previous one (`launch` with prev) takes its token ids from that step's argmax on the device instead.
+graph (ik_llama.cpp #2260 read another slot's state that way). A step chained onto the previous one
+(`launch` with prev) takes its token ids from that step's tokens on the device instead.
 Padding rows carry slot -1, which every kernel skips (no state or KV read or written), and their
 logits are dropped. Every replay writes the logits and their argmax into static buffers. Graphs are
 captured on the first decode step, largest first, sharing one memory pool; capture runs with every
@@ -19,7 +19,8 @@ import dataclasses
 import torch
 
 from .batch import BatchError, ForwardBatch, Segment, build_batch
-from .greedy_tokens import GreedyTokens
+from ..sampling.sampler import SampledRows, pick
+from .step_tokens import StepTokens
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -48,16 +49,18 @@ class DecodeGraphs:
             return None
         return list(self.logits[:step].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
 
-    def launch(self, segments: list[Segment], prev: GreedyTokens | None) -> GreedyTokens | None:
-        """Starts a greedy step and returns its tokens without waiting, or None when it is not a plain decode.
+    def launch(self, segments: list[Segment], prev: StepTokens | None, sampled: SampledRows | None) -> StepTokens | None:
+        """Starts a step and returns its tokens without waiting, or None when it is not a plain decode.
 
-        With prev (the previous launch, same sequences in the same rows), row i's input token is prev's
-        row i, taken on the device; the segments' token ids are then placeholders."""
+        Rows take the argmax, computed in the graph, or are drawn as `sampled` says. With prev (the previous
+        launch, same sequences in the same rows), row i's input token is prev's row i, taken on the device;
+        the segments' token ids are then placeholders."""
         if (n := self._replay(segments, prev)) is None:
             return None
-        return GreedyTokens.of(self.tokens[:n])
+        tokens = self.tokens[:n] if sampled is None else pick(self.logits[:n], sampled, self.tokens[:n])
+        return StepTokens.of(tokens)
 
-    def _replay(self, segments: list[Segment], prev: GreedyTokens | None) -> int | None:
+    def _replay(self, segments: list[Segment], prev: StepTokens | None) -> int | None:
         """Writes the step's inputs and replays its graph; the number of rows, or None (not a plain decode)."""
         n = len(segments)
         if n > self.sizes[-1]:

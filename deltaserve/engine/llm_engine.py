@@ -12,11 +12,11 @@ import torch
 from ..cache.slot_table import SlotTable
 from ..cache.state_cache import HybridCache
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import sample, token_logprobs
+from ..sampling.sampler import candidates_known, sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
-from .greedy_tokens import GreedyTokens
+from .step_tokens import StepTokens
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .speculative import MTPDrafter, accept
@@ -45,7 +45,7 @@ class RequestOutput:
 @dataclass
 class InFlight:
     seqs: list[Sequence]  # row order of the step
-    tokens: GreedyTokens
+    tokens: StepTokens
 
 
 @dataclass
@@ -58,7 +58,7 @@ class EngineStats:
     max_batch_seqs: int = 0
     draft_tokens: int = 0  # speculative decoding: drafts verified / accepted
     accepted_tokens: int = 0
-    overlapped_steps: int = 0  # greedy decode steps launched before the previous step's tokens were read
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were read
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
 
 
@@ -68,8 +68,8 @@ class LLMEngine:
                  extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
                  overlap_decode: bool | None = None):
         """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
-        overlap_decode: in runs of greedy decode steps, launch step N+1 (its input tokens taken on the device)
-        before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA."""
+        overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
+        the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.max_model_len = max_model_len
@@ -85,7 +85,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else overlap_decode
-        self.in_flight: InFlight | None = None  # a launched greedy decode step whose tokens are not read yet
+        self.in_flight: InFlight | None = None  # a launched decode step whose tokens are not read yet
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kwargs) -> "LLMEngine":
@@ -128,7 +128,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self.in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step and returns its outputs. A greedy decode step may leave the next one running."""
+        """Runs one step and returns its outputs. A decode step may leave the next one running (overlap_decode)."""
         if self.in_flight is None:
             plan = self.scheduler.schedule()
             if not plan:
@@ -142,9 +142,10 @@ class LLMEngine:
         return self._collect(done)
 
     def _overlappable(self, plan: list[tuple[Sequence, int]]) -> bool:
-        """A plain decode step in which every sequence takes its argmax and wants no logits."""
+        """A plain decode step whose tokens are drawn on the device with no host sync (greedy, temperature, top-k;
+        not top-p alone) and that keeps no logits."""
         return self.overlap_decode and self.drafter is None and all(
-            n == 1 and not seq.in_prefill and seq.params.greedy and not seq.keep_logits
+            n == 1 and not seq.in_prefill and candidates_known(seq.params) and not seq.keep_logits
             and seq.params.logprobs is None for seq, n in plan)
 
     def _chainable(self, done: InFlight) -> bool:
@@ -158,13 +159,15 @@ class LLMEngine:
                 and self._overlappable([(seq, 1) for seq in done.seqs]))
 
     def _launch(self, plan: list[tuple[Sequence, int]], prev: InFlight | None) -> InFlight:
-        """Starts a greedy decode step. After prev (not read yet), each input token is prev's on the device,
-        one position further than the cache holds on the host's books."""
+        """Starts a decode step. After prev (not read yet), each input token is prev's on the device, one
+        position further than the cache holds on the host's books. Sampled rows draw their uniform now."""
         if prev is None:
             segments = [Segment(seq.next_tokens(1), seq.num_computed, seq.slot) for seq, _ in plan]
         else:
             segments = [Segment([0], seq.num_computed + 1, seq.slot) for seq, _ in plan]  # [0]: taken from prev
-        tokens = self.runner.launch_greedy(segments, None if prev is None else prev.tokens)
+        sampled = sampled_rows([seq.params for seq, _ in plan], [seq.generator for seq, _ in plan],
+                               self.cfg.vocab_size, self.device)
+        tokens = self.runner.launch_decode(segments, None if prev is None else prev.tokens, sampled)
         self._count(plan)
         self.stats.overlapped_steps += prev is not None
         return InFlight([seq for seq, _ in plan], tokens)
@@ -178,7 +181,7 @@ class LLMEngine:
         return outputs
 
     def _run(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        """A step that waits for its logits: prefills, sampling, verifies, kept logits."""
+        """A step that waits for its logits: prefills, verifies, kept logits or logprobs, top-p alone."""
         segments = [self._segment(seq, n) for seq, n in plan]
         if self.drafter:
             logits, hidden = self.runner.run(segments, keep_hidden=True)

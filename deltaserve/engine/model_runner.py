@@ -7,9 +7,10 @@ import torch
 from ..cache.state_cache import HybridCache
 from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
+from ..sampling.sampler import SampledRows, pick
 from .batch import BatchError, Segment, build_batch, decompose_tokens
 from .cuda_graphs import DecodeGraphs
-from .greedy_tokens import GreedyTokens
+from .step_tokens import StepTokens
 
 
 class ModelRunner:
@@ -34,19 +35,21 @@ class ModelRunner:
         return (logits, batch.split_tokens(hidden)) if keep_hidden else logits
 
     @torch.inference_mode()
-    def launch_greedy(self, segments: list[Segment], prev: GreedyTokens | None) -> GreedyTokens:
-        """Starts a step of single-token segments whose next tokens are their argmax; does not wait for them.
+    def launch_decode(self, segments: list[Segment], prev: StepTokens | None,
+                      sampled: SampledRows | None) -> StepTokens:
+        """Starts a step of single-token segments and returns their next tokens without waiting for them:
+        the argmax, or for `sampled` rows a draw from their filtered distribution.
 
         With prev (the previous launch, same sequences in the same order), each segment's input token is
         prev's token for it, still on the device (the segments' token ids are then placeholders)."""
-        if self.graphs is not None and (tokens := self.graphs.launch(segments, prev)) is not None:
+        if self.graphs is not None and (tokens := self.graphs.launch(segments, prev, sampled)) is not None:
             return tokens
         if any(len(s.token_ids) != 1 or s.snapshot_slots for s in segments):
-            raise BatchError("launch_greedy takes single-token segments only")
+            raise BatchError("launch_decode takes single-token segments only")
         batch = self._batch(segments)  # single-token segments keep their order: row i is segment i
         if prev is not None:
             batch.input_ids.copy_(prev.device)
-        return GreedyTokens.of(self.model.logits(self.model(batch, self.cache)).argmax(-1))
+        return StepTokens.of(pick(self.model.logits(self.model(batch, self.cache)), sampled))
 
     @torch.inference_mode()
     def run_mtp(self, segments: list[Segment], hidden: list[torch.Tensor], step: int):

@@ -6,6 +6,8 @@ never depends on which other requests share the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .params import SamplingParams
@@ -29,41 +31,83 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 CANDIDATES = 1024  # top-p looks for its nucleus among this many top tokens; a full sort only when it is wider
 
 
+@dataclass
+class SampledRows:
+    """A step's sampled rows and their parameters on the logits' device ([R] each), staged from the host in one
+    non-blocking copy, so that drawing them needs no host sync unless a row has top-p without top-k."""
+
+    rows: torch.Tensor  # [R] long: row of the step's logits
+    temperature: torch.Tensor  # [R] float32
+    top_k: torch.Tensor  # [R] long, the vocabulary size when off
+    top_p: torch.Tensor  # [R] float32
+    u: torch.Tensor  # [R] float64 in [0, 1): the row's uniform, from its sequence's generator
+    width: int  # candidates ranked for filtered rows (0: no row filters)
+    plain: bool  # some row samples from its whole distribution (temperature only)
+    nucleus: bool  # some row has top-p without top-k: its nucleus may outgrow the candidates (a host sync)
+
+
+def candidates_known(p: SamplingParams) -> bool:
+    """Whether drawing for these parameters needs no host sync: greedy, temperature only, or top-k."""
+    return p.greedy or p.top_p == 1 or p.top_k > 0
+
+
+def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: int,
+          device: torch.device) -> SampledRows:
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    host = torch.tensor([rows, [p.temperature for p in params], top_k, [p.top_p for p in params], u],
+                        dtype=torch.float64)  # [5, R]
+    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    filtered = [k < vocab or p.top_p < 1 for k, p in zip(top_k, params)]
+    width = max((k if k < vocab else min(vocab, CANDIDATES) for k, f in zip(top_k, filtered) if f), default=0)
+    return SampledRows(dev[0].long(), dev[1].float(), dev[2].long(), dev[3].float(), dev[4], width,
+                       plain=not all(filtered), nucleus=any(k == vocab and p.top_p < 1 for k, p in zip(top_k, params)))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """logits [B, V] float32, on any device -> one token id per row.
 
     Greedy rows take the argmax. Every other row draws one uniform from its sequence's generator and
     inverts the CDF of its filtered distribution (`filter_logits` then softmax), on the logits' device:
     no row is copied to the host, and no full sort happens unless top-p's nucleus is wider than CANDIDATES."""
-    tokens = logits.argmax(-1)
+    return pick(logits, sampled_rows(params, generators, logits.shape[-1], logits.device)).tolist()
+
+
+def sampled_rows(params: list[SamplingParams], generators: list[torch.Generator], vocab: int,
+                 device: torch.device) -> SampledRows | None:
+    """The non-greedy rows of a step, each with one uniform drawn from its sequence's generator; None if none."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rows])
-        index = torch.tensor(rows, device=logits.device)
-        tokens[index] = draw(logits[index], [params[i] for i in rows], u.to(logits.device))
-    return tokens.tolist()
+    u = [float(torch.rand((), generator=generators[i], dtype=torch.float64)) for i in rows]
+    return stage(rows, [params[i] for i in rows], u, vocab, device) if rows else None
+
+
+def pick(logits: torch.Tensor, sampled: SampledRows | None, argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [B] on the logits' device: argmax ([B], computed unless given), sampled rows drawn over it."""
+    tokens = logits.argmax(-1) if argmax is None else argmax.clone()
+    if sampled is not None:
+        tokens[sampled.rows] = draw_rows(logits[sampled.rows].float(), sampled)
+    return tokens
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
     """logits [R, V] float32, params of sampled rows, u [R] float64 in [0, 1) -> token ids [R]."""
+    return draw_rows(logits, stage(list(range(len(params))), params, u.tolist(), logits.shape[-1], logits.device))
+
+
+def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:
+    """logits [R, V] float32 of the sampled rows -> token ids [R]."""
     vocab = logits.shape[-1]
-    x = logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    filtered = [i for i, p in enumerate(params) if top_k[i] < vocab or p.top_p < 1]
-    plain = [i for i in range(len(params)) if i not in filtered]
-    out = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    if plain:  # temperature only: the CDF over the row in vocabulary order
-        i = torch.tensor(plain, device=logits.device)
-        out[i] = _invert((x[i] - x[i].amax(-1, keepdim=True)).exp(), u[i])
-    if filtered:
-        i = torch.tensor(filtered, device=logits.device)
-        width = max(top_k[j] if top_k[j] < vocab else min(vocab, CANDIDATES) for j in filtered)
-        out[i] = _draw_ranked(x[i], torch.tensor([top_k[j] for j in filtered], device=logits.device),
-                              torch.tensor([params[j].top_p for j in filtered], device=logits.device), u[i], width)
-    return out
+    x = logits / s.temperature[:, None]
+    tokens = None
+    if s.plain:  # temperature only: the CDF over the row in vocabulary order
+        tokens = _invert((x - x.amax(-1, keepdim=True)).exp(), s.u)
+    if s.width:
+        ranked = _draw_ranked(x, s.top_k, s.top_p, s.u, s.width, s.nucleus)
+        tokens = ranked if tokens is None else torch.where((s.top_k < vocab) | (s.top_p < 1), ranked, tokens)
+    return tokens
 
 
-def _draw_ranked(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int):
+def _draw_ranked(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int,
+                 nucleus: bool) -> torch.Tensor:
     """Rows with top-k and/or top-p, over their `width` highest logits ([F, V] -> token ids [F])."""
     vocab = x.shape[-1]
     vals, index = x.topk(width)  # [F, W], descending
@@ -73,10 +117,10 @@ def _draw_ranked(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: t
     probs = (vals - lse[:, None]).exp() * ranked
     keep = probs.cumsum(-1) - probs < top_p[:, None]  # drop a token once those ranked above it cover top_p
     out = index.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1)
-    if width < vocab:  # rows whose nucleus is wider than the candidates: again over the whole sorted row
-        short = ((probs.sum(-1) < top_p) & (top_k > width)).nonzero().squeeze(1)
+    if nucleus and width < vocab:  # rows whose nucleus is wider than the candidates: again over the whole row
+        short = ((probs.sum(-1) < top_p) & (top_k > width) & (top_p < 1)).nonzero().squeeze(1)
         if len(short):
-            out[short] = _draw_ranked(x[short], top_k[short], top_p[short], u[short], vocab)
+            out[short] = _draw_ranked(x[short], top_k[short], top_p[short], u[short], vocab, False)
     return out
 
 

@@ -60,7 +60,7 @@ class LiveServer:
             engine = LLMEngine.from_pretrained(config.model, max_num_seqs=config.max_num_seqs,
                                                max_model_len=config.max_model_len, spec_tokens=config.spec_tokens,
                                                overlap_decode=config.overlap_decode)
-            for name in ("run", "launch_greedy"):  # every way a step reaches the model
+            for name in ("run", "launch_decode"):  # every way a step reaches the model
                 setattr(engine.runner, name, self._faulty(getattr(engine.runner, name)))
             return engine
 

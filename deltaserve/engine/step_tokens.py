@@ -1,4 +1,4 @@
-"""The token ids of a greedy decode step, read by the host only when it needs them.
+"""The token ids of a launched decode step, read by the host only when it needs them.
 
 A launched step's tokens stay on the device, where the next step can take them as its input ids
 with no host round trip, while a copy travels to pinned host memory; `tolist` waits for that copy
@@ -13,13 +13,13 @@ import torch
 
 
 @dataclass
-class GreedyTokens:
-    device: torch.Tensor  # [n] int64; a CUDA graph's static buffer: valid as input to the next launch only
+class StepTokens:
+    device: torch.Tensor  # [n] int64; may be a CUDA graph's static buffer: valid as input to the next launch only
     host: torch.Tensor  # [n] int64, pinned for CUDA; holds the ids once `ready` has passed
     ready: torch.cuda.Event | None  # None: `host` is already filled (CPU)
 
     @classmethod
-    def of(cls, tokens: torch.Tensor) -> "GreedyTokens":
+    def of(cls, tokens: torch.Tensor) -> "StepTokens":
         """Starts the device-to-host copy of tokens ([n] int64) on the current stream."""
         if tokens.device.type != "cuda":
             return cls(tokens, tokens, None)

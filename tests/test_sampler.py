@@ -9,10 +9,15 @@ import torch
 
 from deltaserve.sampling import sampler
 from deltaserve.sampling.params import SamplingParams
-from deltaserve.sampling.sampler import draw, filter_logits, sample
+from deltaserve.sampling.sampler import draw_rows, filter_logits, sample, stage
 
 N = 4000
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] float32 of sampled rows, u [R] float64 -> token ids [R]."""
+    return draw_rows(logits, stage(list(range(len(params))), params, u.tolist(), logits.shape[-1], logits.device))
 PARAMS = [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.5),

@@ -53,6 +53,7 @@ def candidates_known(p: SamplingParams) -> bool:
 
 def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: int,
           device: torch.device) -> SampledRows:
+    """Rows `rows` of a step sampled with `params` and uniforms `u`, for logits of `vocab` columns on `device`."""
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     host = torch.tensor([rows, [p.temperature for p in params], top_k, [p.top_p for p in params], u],
                         dtype=torch.float64)  # [5, R]
@@ -86,11 +87,6 @@ def pick(logits: torch.Tensor, sampled: SampledRows | None, argmax: torch.Tensor
     if sampled is not None:
         tokens[sampled.rows] = draw_rows(logits[sampled.rows].float(), sampled)
     return tokens
-
-
-def draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
-    """logits [R, V] float32, params of sampled rows, u [R] float64 in [0, 1) -> token ids [R]."""
-    return draw_rows(logits, stage(list(range(len(params))), params, u.tolist(), logits.shape[-1], logits.device))
 
 
 def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:

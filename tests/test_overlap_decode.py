@@ -30,7 +30,7 @@ def workload(vocab: int, seed: int, n: int) -> list:
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 30))]
         sampling = [dict(temperature=0), dict(temperature=0), dict(temperature=0.8, seed=i),
                     dict(temperature=1.2, top_k=5, seed=i), dict(temperature=0.9, top_k=20, top_p=0.8, seed=i),
-                    dict(temperature=0.7, top_p=0.7, seed=i)][i % 6]  # the last (top-p alone) waits for logits
+                    dict(temperature=0.7, top_p=0.7, seed=i)][i % 6]
         params = SamplingParams(max_tokens=rng.randint(3, 12), **sampling)
         requests.append((f"r{i}", prompt, params, rng.randint(0, 10), rng.randint(2, 8) if i % 5 == 4 else None))
     return requests

@@ -12,7 +12,7 @@ import torch
 from ..cache.slot_table import SlotTable
 from ..cache.state_cache import HybridCache
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import candidates_known, sample, sampled_rows, token_logprobs
+from ..sampling.sampler import sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
@@ -142,11 +142,10 @@ class LLMEngine:
         return self._collect(done)
 
     def _overlappable(self, plan: list[tuple[Sequence, int]]) -> bool:
-        """A plain decode step whose tokens are drawn on the device with no host sync (greedy, temperature, top-k;
-        not top-p alone) and that keeps no logits."""
+        """A plain decode step that keeps no logits: its tokens are picked on the device (a row with top-p alone
+        syncs the host there, see sampling.sampler.SampledRows, so that step does not overlap in effect)."""
         return self.overlap_decode and self.drafter is None and all(
-            n == 1 and not seq.in_prefill and candidates_known(seq.params) and not seq.keep_logits
-            and seq.params.logprobs is None for seq, n in plan)
+            n == 1 and not seq.in_prefill and not seq.keep_logits and seq.params.logprobs is None for seq, n in plan)
 
     def _chainable(self, done: InFlight) -> bool:
         """Whether the next plan is surely `done`'s sequences again, one decode each, before reading its tokens.
@@ -181,7 +180,7 @@ class LLMEngine:
         return outputs
 
     def _run(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        """A step that waits for its logits: prefills, verifies, kept logits or logprobs, top-p alone."""
+        """A step that waits for its logits: prefills, verifies, kept logits or logprobs."""
         segments = [self._segment(seq, n) for seq, n in plan]
         if self.drafter:
             logits, hidden = self.runner.run(segments, keep_hidden=True)

@@ -46,11 +46,6 @@ class SampledRows:
     nucleus: bool  # some row has top-p without top-k: its nucleus may outgrow the candidates (a host sync)
 
 
-def candidates_known(p: SamplingParams) -> bool:
-    """Whether drawing for these parameters needs no host sync: greedy, temperature only, or top-k."""
-    return p.greedy or p.top_p == 1 or p.top_k > 0
-
-
 def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: int,
           device: torch.device) -> SampledRows:
     """Rows `rows` of a step sampled with `params` and uniforms `u`, for logits of `vocab` columns on `device`."""

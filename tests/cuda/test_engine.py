@@ -54,16 +54,17 @@ def test_each_sequence_matches_its_solo_run(tiny_dirs, arch, np_, note):
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
 def test_overlapped_decode_matches_solo(tiny_dirs, arch, np_):
     """Requests that keep no logits take the overlapped path: step N+1 is launched from step N's tokens (in-graph
-    argmax, or drawn on the device with the uniform the sequence's generator gave at launch) before the host
-    reads them. Each sequence's tokens equal its solo run on the step-by-step engine; sequences finish (length,
+    argmax, or drawn on the device with the uniform the sequence's generator gave at launch; top-p alone syncs
+    inside the draw) before the host reads them. Each sequence's tokens equal its solo run on the step-by-step engine; sequences finish (length,
     abort) while the others' next step is in flight, and slots are reused."""
     eng, ref = engine(tiny_dirs[arch], np_), engine(tiny_dirs[arch], np_)
     ref.overlap_decode = False
     rng = random.Random(100 + np_)
     vocab = eng.cfg.vocab_size
-    sampling = [dict(temperature=0), dict(temperature=0), dict(temperature=0.8), dict(temperature=1.1, top_k=5)]
+    sampling = [dict(temperature=0), dict(temperature=0), dict(temperature=0.8), dict(temperature=1.1, top_k=5),
+                dict(temperature=0.9, top_p=0.8)]
     requests = [(f"r{i}", [rng.randrange(vocab) for _ in range(rng.randint(1, 40))],
-                 SamplingParams(max_tokens=rng.randint(4, 20), seed=i, **sampling[i % 4]), rng.randint(0, 8),
+                 SamplingParams(max_tokens=rng.randint(4, 20), seed=i, **sampling[i % 5]), rng.randint(0, 8),
                  rng.randint(3, 8) if i % 7 == 6 else None) for i in range(max(2, 2 * np_))]
     together = drive(eng, requests, keep_logits=False)
     assert eng.stats.overlapped_steps >= 5 and eng.in_flight is None

@@ -99,12 +99,15 @@ def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:
 
 def _draw_ranked(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int,
                  nucleus: bool) -> torch.Tensor:
-    """Rows with top-k and/or top-p, over their `width` highest logits ([F, V] -> token ids [F])."""
+    """Rows with top-k and/or top-p, over their `width` highest logits ([F, V] -> token ids [F]). nucleus: some
+    row has top-p without top-k (its probabilities are over the whole row; it may need every token ranked)."""
     vocab = x.shape[-1]
     vals, index = x.topk(width)  # [F, W], descending
     ranked = torch.arange(width, device=x.device) < top_k[:, None]  # top-k keeps the k highest
-    # top-p's probabilities are over the top-k tokens when top-k is on, else over the whole row
-    lse = torch.where(top_k < vocab, vals.masked_fill(~ranked, float("-inf")).logsumexp(-1), x.logsumexp(-1))
+    # top-p's probabilities are over the top-k tokens when top-k is on (all of them at width V), else over the row
+    lse = vals.masked_fill(~ranked, float("-inf")).logsumexp(-1)
+    if nucleus:
+        lse = torch.where(top_k < vocab, lse, x.logsumexp(-1))
     probs = (vals - lse[:, None]).exp() * ranked
     keep = probs.cumsum(-1) - probs < top_p[:, None]  # drop a token once those ranked above it cover top_p
     out = index.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1)

@@ -69,3 +69,28 @@ def test_extreme_uniforms_never_pick_a_removed_token():
         tokens = draw(logits, params, torch.tensor([u, u], dtype=torch.float64))
         for row, p, tok in zip(logits, params, tokens.tolist()):
             assert filter_logits(row, p)[tok] > float("-inf"), (u, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [SamplingParams(temperature=1.0, top_k=7), SamplingParams(temperature=0.5, top_p=0.3),
+                               SamplingParams(temperature=1.0, top_k=30, top_p=0.5)],
+                         ids=lambda p: f"k{p.top_k}-p{p.top_p}")
+def test_ties_keep_a_row_independent_of_its_batch(monkeypatch, device, p):
+    """Logits with many exact ties (as bf16 logits have): the kept set is whole runs of equal logits and the
+    CDF runs in vocabulary order, so a row's token is the same alone, beside rows that rank more candidates,
+    and with a candidate count its nucleus outgrows; its draws follow filter_logits exactly."""
+    vocab = 400
+    row = torch.randint(0, 6, (vocab,), generator=torch.Generator().manual_seed(5)).float() * 0.5
+    u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
+    alone = draw(row.expand(N, vocab).to(device), [p] * N, u.to(device)).cpu()
+    others = [SamplingParams(temperature=1.0, top_k=300), SamplingParams(temperature=0.7)]
+    batch = torch.stack([row, torch.randn(vocab), torch.randn(vocab)]).to(device)
+    for j in range(0, N, 97):
+        uj = torch.tensor([u[j], 0.3, 0.6], dtype=torch.float64, device=device)
+        assert int(draw(batch, [p] + others, uj)[0]) == int(alone[j])
+    monkeypatch.setattr(sampler, "CANDIDATES", 4)
+    assert torch.equal(draw(row.expand(N, vocab).to(device), [p] * N, u.to(device)).cpu(), alone)
+    counts = torch.bincount(alone, minlength=vocab).double()
+    probs = filter_logits(row, p).softmax(-1).double()
+    assert torch.all(counts[probs == 0] == 0)
+    assert (counts - N * probs).abs().max() <= 1.0 + 1e-6

@@ -21,11 +21,19 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already cover top_p (the top token always stays)
-        drop = probs.cumsum(-1) - probs >= params.top_p
+        drop = ~nucleus(sorted_logits[None], sorted_logits.softmax(-1)[None], torch.tensor([params.top_p]))[0]
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
+
+
+def nucleus(vals: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p's kept prefix ([R, W] bool) of rows of logits sorted descending (vals) and their probabilities: a
+    token stays while the tokens strictly more likely cover less than top_p ([R]). Equal logits stay or go
+    together, so the result does not depend on how a sort ordered ties."""
+    above = probs.cumsum(-1) - probs  # mass ranked above each token
+    first = torch.ones_like(vals, dtype=torch.bool)
+    first[:, 1:] = vals[:, 1:] != vals[:, :-1]  # the first of each run of equal logits
+    return torch.where(first, above, 0).cummax(-1).values < top_p[:, None]  # the run's first token decides
 
 
 CANDIDATES = 1024  # top-p looks for its nucleus among this many top tokens; a full sort only when it is wider
@@ -42,8 +50,7 @@ class SampledRows:
     top_p: torch.Tensor  # [R] float32
     u: torch.Tensor  # [R] float64 in [0, 1): the row's uniform, from its sequence's generator
     width: int  # candidates ranked for filtered rows (0: no row filters)
-    plain: bool  # some row samples from its whole distribution (temperature only)
-    nucleus: bool  # some row has top-p without top-k: its nucleus may outgrow the candidates (a host sync)
+    nucleus_rows: bool  # some row has top-p without top-k: its nucleus may outgrow the candidates (a host sync)
 
 
 def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: int,
@@ -53,10 +60,10 @@ def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: 
     host = torch.tensor([rows, [p.temperature for p in params], top_k, [p.top_p for p in params], u],
                         dtype=torch.float64)  # [5, R]
     dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    filtered = [k < vocab or p.top_p < 1 for k, p in zip(top_k, params)]
-    width = max((k if k < vocab else min(vocab, CANDIDATES) for k, f in zip(top_k, filtered) if f), default=0)
+    width = max((k if k < vocab else min(vocab, CANDIDATES) for k, p in zip(top_k, params) if k < vocab or p.top_p < 1),
+                default=0)
     return SampledRows(dev[0].long(), dev[1].float(), dev[2].long(), dev[3].float(), dev[4], width,
-                       plain=not all(filtered), nucleus=any(k == vocab and p.top_p < 1 for k, p in zip(top_k, params)))
+                       nucleus_rows=any(k == vocab and p.top_p < 1 for k, p in zip(top_k, params)))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
@@ -85,37 +92,39 @@ def pick(logits: torch.Tensor, sampled: SampledRows | None, argmax: torch.Tensor
 
 
 def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:
-    """logits [R, V] float32 of the sampled rows -> token ids [R]."""
-    vocab = logits.shape[-1]
+    """logits [R, V] float32 of the sampled rows -> token ids [R].
+
+    A row's token depends only on its own logits, parameters and uniform: top-k / top-p keep every token at
+    or above a per-row logit floor (decided by value, ties together), and the CDF runs in vocabulary order,
+    so neither the other rows nor how many candidates were ranked can change it."""
     x = logits / s.temperature[:, None]
-    tokens = None
-    if s.plain:  # temperature only: the CDF over the row in vocabulary order
-        tokens = _invert((x - x.amax(-1, keepdim=True)).exp(), s.u)
+    top = x.amax(-1)
+    weights = (x - top[:, None]).exp()  # [R, V] unnormalised probabilities
     if s.width:
-        ranked = _draw_ranked(x, s.top_k, s.top_p, s.u, s.width, s.nucleus)
-        tokens = ranked if tokens is None else torch.where((s.top_k < vocab) | (s.top_p < 1), ranked, tokens)
-    return tokens
+        weights = weights * (x >= _floor(x, weights, top, s.top_k, s.top_p, s.width, s.nucleus_rows)[:, None])
+    return _invert(weights, s.u)
 
 
-def _draw_ranked(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor, width: int,
-                 nucleus: bool) -> torch.Tensor:
-    """Rows with top-k and/or top-p, over their `width` highest logits ([F, V] -> token ids [F]). nucleus: some
-    row has top-p without top-k (its probabilities are over the whole row; it may need every token ranked)."""
+def _floor(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           width: int, nucleus_rows: bool) -> torch.Tensor:
+    """The lowest logit each row keeps under its top-k and top-p (x [R, V] -> [R]; -inf keeps all), from its
+    `width` highest logits; weights = exp(x - top), top = the row maxima. nucleus_rows: some row has top-p
+    without top-k (it may need every token ranked)."""
     vocab = x.shape[-1]
-    vals, index = x.topk(width)  # [F, W], descending
-    ranked = torch.arange(width, device=x.device) < top_k[:, None]  # top-k keeps the k highest
-    # top-p's probabilities are over the top-k tokens when top-k is on (all of them at width V), else over the row
-    lse = vals.masked_fill(~ranked, float("-inf")).logsumexp(-1)
-    if nucleus:
-        lse = torch.where(top_k < vocab, lse, x.logsumexp(-1))
-    probs = (vals - lse[:, None]).exp() * ranked
-    keep = probs.cumsum(-1) - probs < top_p[:, None]  # drop a token once those ranked above it cover top_p
-    out = index.gather(1, _invert(probs * keep, u)[:, None]).squeeze(1)
-    if nucleus and width < vocab:  # rows whose nucleus is wider than the candidates: again over the whole row
-        short = ((probs.sum(-1) < top_p) & (top_k > width) & (top_p < 1)).nonzero().squeeze(1)
+    vals = x.topk(width).values  # [R, W] descending
+    kth = vals.gather(1, (top_k.clamp(max=width) - 1)[:, None]).squeeze(1)
+    floor = torch.where(top_k < vocab, kth, float("-inf"))  # top-k: every token at least as high as the k-th
+    # top-p's probabilities are over the tokens top-k keeps (the whole row without top-k)
+    lse = top + (weights * (x >= floor[:, None])).sum(-1).log()
+    probs = (vals - lse[:, None]).exp() * (vals >= floor[:, None])
+    kept = nucleus(vals, probs, top_p).sum(-1)  # a prefix of at least one token
+    lowest = vals.gather(1, (kept - 1)[:, None]).squeeze(1)
+    floor = torch.where(top_p < 1, torch.maximum(floor, lowest), floor)
+    if nucleus_rows and width < vocab:  # rows whose nucleus is wider than the candidates: again over the whole row
+        short = ((probs.sum(-1) < top_p) & (top_k == vocab) & (top_p < 1)).nonzero().squeeze(1)
         if len(short):
-            out[short] = _draw_ranked(x[short], top_k[short], top_p[short], u[short], vocab, False)
-    return out
+            floor[short] = _floor(x[short], weights[short], top[short], top_k[short], top_p[short], vocab, False)
+    return floor
 
 
 def _invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ import dataclasses
 
 import torch
 
-from .batch import BatchError, ForwardBatch, Segment, build_batch
 from ..sampling.sampler import SampledRows, pick
+from .batch import BatchError, ForwardBatch, Segment, build_batch
 from .step_tokens import StepTokens
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -49,7 +49,8 @@ class DecodeGraphs:
             return None
         return list(self.logits[:step].to(torch.float32, copy=True).split(1))  # fresh rows: the buffer is reused
 
-    def launch(self, segments: list[Segment], prev: StepTokens | None, sampled: SampledRows | None) -> StepTokens | None:
+    def launch(self, segments: list[Segment], prev: StepTokens | None,
+               sampled: SampledRows | None) -> StepTokens | None:
         """Starts a step and returns its tokens without waiting, or None when it is not a plain decode.
 
         Rows take the argmax, computed in the graph, or are drawn as `sampled` says. With prev (the previous

@@ -16,11 +16,11 @@ from ..sampling.sampler import sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
 from .batch import Segment
-from .step_tokens import StepTokens
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
-from .speculative import MTPDrafter, accept
 from .sequence import Sequence, Status
+from .speculative import MTPDrafter, accept
+from .step_tokens import StepTokens
 
 log = logging.getLogger("deltaserve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -43,7 +43,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"
     spec_tokens: int = 0  # MTP speculative decoding: drafts per step
-    overlap_decode: bool | None = None  # greedy decode steps launched ahead of reading tokens (None: on for CUDA)
+    overlap_decode: bool | None = None  # decode steps launched before the last one's tokens are read (None: CUDA)
 
     @property
     def model_name(self) -> str:

@@ -64,7 +64,7 @@ class Snapshot:
     generated_tokens: int = 0
     tokens_per_second: float = 0.0
     steps: int = 0
-    overlapped_steps: int = 0  # greedy decode steps launched before the previous step's tokens were read
+    overlapped_steps: int = 0  # decode steps launched before the previous step's tokens were read
     step_errors: int = 0
     draft_tokens: int = 0  # speculative decoding: MTP drafts verified / accepted
     accepted_tokens: int = 0
@@ -256,8 +256,8 @@ class EngineLoop:
             running=running, waiting=max(0, len(self._live) - running), slots_in_use=slots.size - slots.available,
             prompt_tokens=st.prompt_tokens, generated_tokens=st.generated_tokens,
             tokens_per_second=(st.generated_tokens - g0) / (now - t0) if now > t0 else 0.0,
-            steps=st.steps, overlapped_steps=st.overlapped_steps, step_errors=self._step_errors, draft_tokens=st.draft_tokens,
-            accepted_tokens=st.accepted_tokens, finished=dict(self._finished),
+            steps=st.steps, overlapped_steps=st.overlapped_steps, step_errors=self._step_errors,
+            draft_tokens=st.draft_tokens, accepted_tokens=st.accepted_tokens, finished=dict(self._finished),
         )
 
 

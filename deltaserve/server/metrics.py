@@ -27,7 +27,7 @@ def render_metrics(model: str, state: str, snap: Snapshot, info: EngineInfo | No
     metric("generation_tokens_per_second", "gauge", "Tokens generated per second, last 10 s.", snap.tokens_per_second)
     metric("engine_steps_total", "counter", "Engine steps run.", snap.steps)
     metric("engine_overlapped_steps_total", "counter",
-           "Greedy decode steps launched before the previous step's tokens were read.", snap.overlapped_steps)
+           "Decode steps launched before the previous step's tokens were read.", snap.overlapped_steps)
     metric("spec_draft_tokens_total", "counter", "MTP draft tokens verified (speculative decoding).", snap.draft_tokens)
     metric("spec_accepted_tokens_total", "counter", "MTP draft tokens accepted.", snap.accepted_tokens)
     metric("engine_step_errors_total", "counter", "Engine steps that raised.", snap.step_errors)

@@ -55,8 +55,8 @@ def test_each_sequence_matches_its_solo_run(tiny_dirs, arch, np_, note):
 def test_overlapped_decode_matches_solo(tiny_dirs, arch, np_):
     """Requests that keep no logits take the overlapped path: step N+1 is launched from step N's tokens (in-graph
     argmax, or drawn on the device with the uniform the sequence's generator gave at launch; top-p alone syncs
-    inside the draw) before the host reads them. Each sequence's tokens equal its solo run on the step-by-step engine; sequences finish (length,
-    abort) while the others' next step is in flight, and slots are reused."""
+    inside the draw) before the host reads them. Each sequence's tokens equal its solo run on the step-by-step
+    engine; sequences finish (length, abort) while the others' next step is in flight, and slots are reused."""
     eng, ref = engine(tiny_dirs[arch], np_), engine(tiny_dirs[arch], np_)
     ref.overlap_decode = False
     rng = random.Random(100 + np_)

@@ -1,8 +1,11 @@
-"""The C++ CPU kernels (kernels/csrc/cpu_ops.cpp) against the torch code they replace, on random inputs.
+"""The C++ CPU kernels (kernels/csrc/cpu_ops.cpp) on float weights against the torch code they replace, on random
+inputs (quantized weights: test_cpu_quantized.py).
 
 Each kernel: matches the torch path to 1e-5, leaves other slots untouched (poisoned with NaN), and gives
 a row / sequence bit-identical results alone and inside any batch (the engine's invariant).
 """
+
+import copy
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from deltaserve.config import ModelConfig
 from deltaserve.engine.batch import Segment, build_batch
 from deltaserve.kernels import cpu_native
 from deltaserve.layers.attention import GatedAttention
+from deltaserve.layers.cpu_packed import pack_for_cpu, pack_weights
 from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.gated_deltanet import GatedDeltaNet
 from tiny_models import tiny_config
@@ -28,16 +32,27 @@ def threads(request):
     torch.set_num_threads(old)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17, 130])
 @pytest.mark.parametrize("shape", [(1, 16), (33, 100), (130, 64), (257, 1030)], ids=str)
-def test_linear_matches_f_linear(rows, shape, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_packed_linear_matches_f_linear(rows, shape, dtype, threads):
+    """Float weights packed as they are (bf16 / f16 kept, no copy in another dtype): the exact product."""
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(shape, generator=g) / shape[1] ** 0.5
+    w = (torch.randn(shape, generator=g) / shape[1] ** 0.5).to(dtype)
     x = torch.randn(rows, shape[1], generator=g)
-    out = cpu_native.linear(x, w)
-    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    packed = cpu_native.pack(w)
+    assert packed.nbytes == -(-shape[0] // 16) * 16 * shape[1] * w.element_size()  # rows padded to 16 only
+    out = cpu_native.linear(x, packed)
+    torch.testing.assert_close(out, F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.rows(0, torch.arange(shape[0])), w.float())
     for r in range(rows):  # each row alone: bit-identical
-        assert torch.equal(cpu_native.linear(x[r:r + 1], w), out[r:r + 1])
+        assert torch.equal(cpu_native.linear(x[r:r + 1], packed), out[r:r + 1])
+
+
+def test_packed_linear_checks_its_input():
+    packed = cpu_native.pack(torch.randn(8, 32))
+    with pytest.raises(RuntimeError, match=r"linear: x must be float32 \[T, 32\]"):
+        cpu_native.linear(torch.randn(2, 16), packed)
 
 
 def moe_module(seed: int, **overrides) -> SparseMoE:
@@ -49,27 +64,21 @@ def moe_module(seed: int, **overrides) -> SparseMoE:
     return moe
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16, 70])
 @pytest.mark.parametrize("dims", [(8, 2, 32, 48), (32, 4, 100, 64)], ids=lambda d: "E{}K{}I{}Is{}".format(*d))
 def test_moe_block_matches_torch_path(tokens, dims, threads, monkeypatch):
     e, k, i, i_shared = dims
     moe = moe_module(tokens, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=i,
                      shared_expert_intermediate_size=i_shared, norm_topk_prob=tokens % 2 == 1)
     x = torch.randn(tokens, moe.router.in_features)
+    plain = copy.deepcopy(moe)
+    pack_weights(moe)
     with torch.no_grad():
         out = moe(x)
         singles = [moe(x[t:t + 1]) for t in range(tokens)]
-        monkeypatch.setattr(kernels, "sparse_moe", lambda *a: None)
-        torch.testing.assert_close(out, moe(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
     for t in range(tokens):  # each token alone: bit-identical
         assert torch.equal(singles[t], out[t:t + 1])
-
-
-def test_moe_block_rejects_non_contiguous_weights():
-    moe = moe_module(0)
-    moe.router.weight.data = moe.router.weight.data.t().contiguous().t()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="MoE weights must be contiguous float32"):
-        moe(torch.randn(2, moe.router.in_features))
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (5, 3, 16), (7, 1000)], ids=str)
@@ -189,10 +198,8 @@ def test_attention_decode_rejects_position_outside_cache():
 @pytest.mark.parametrize("slots", [[5], [9, 2], [4, 7, 1]], ids=lambda s: f"seqs{len(s)}")
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
 def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
-    """A layer in one or two native calls for 1-2 sequences gives bit for bit what the per-op native route gives
-    (both packed, so the same kernels run), which matches the plain torch layers to 1e-5 of the output's scale;
-    3+ sequences never take it."""
-    from deltaserve.layers.cpu_packed import pack_for_cpu
+    """A layer in one or two native calls gives bit for bit what the per-op native route gives (both packed, so the
+    same kernels run), which matches the plain torch layers to 1e-5 of the output's scale."""
     from deltaserve.layers.model import HybridModel
     cfg = ModelConfig.from_dict(tiny_config(arch, model_type=arch))
     torch.manual_seed(3)
@@ -221,7 +228,7 @@ def test_decoder_layer_equals_per_op_route(slots, arch, threads, monkeypatch):
     taken = []
     monkeypatch.setattr(cpu_native, "decoder_layer", lambda *a, real=cpu_native.decoder_layer: taken.append(1) or real(*a))
     block = run()
-    assert len(taken) == (2 if len(slots) <= cpu_native.NATIVE_MAX_ROWS else 0)
+    assert len(taken) == 2
     monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a: None)
     per_op = run()
     for b, p, o in zip(block[0] + block[1], per_op[0] + per_op[1], oracle[0] + oracle[1]):

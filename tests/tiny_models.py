@@ -77,3 +77,20 @@ def add_mtp_weights(path: Path, seed: int = 0) -> Path:
         tensors[f"mtp.{n}.weight"] = torch.zeros(d)
     save_file(tensors, path / "model.safetensors")
     return path
+
+
+def dense_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's parameters, weights kept in a GGUF file's block formats dequantized to float32 (state_dict
+    holds only the tensors)."""
+    from deltaserve.kernels.quantized import QuantizedWeight
+    from deltaserve.weights.loader import matrix_params
+
+    state = dict(model.state_dict())
+    for name in matrix_params(model):
+        module_name, _, attr = name.rpartition(".")
+        weight = getattr(model.get_submodule(module_name), attr)
+        if isinstance(weight, QuantizedWeight):
+            state[name] = weight.dequantize()
+        elif name not in state:
+            state[name] = weight
+    return {k: v.float() for k, v in state.items()}

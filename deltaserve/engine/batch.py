@@ -74,6 +74,8 @@ class ForwardBatch:
     logits_index: torch.Tensor  # [R] token rows whose logits are wanted
     logits_split: list[int]  # how many of those rows belong to each segment, in segment order
     order: list[int]  # order[j] = index in the caller's list of the j-th segment here
+    # (decode rows, the other rows) as batches of their own, when decodes share the batch with longer segments
+    decode_split: tuple[ForwardBatch, ForwardBatch] | None = None
     _conv_index: dict = field(default_factory=dict)
 
     @property
@@ -228,6 +230,11 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
             snapshot_slots=tensor([list(s.snapshot_slots) + [-1] * (width - 1 - len(s.snapshot_slots))
                                    for s in segs[lo:hi]]) if k == "verify" else None,
         ))
+    n_dec = kinds.count("decode")
+    split = None
+    if 0 < n_dec < len(segs):  # the decode rows' kernels must not depend on what else shares the step
+        split = (build_batch(segs[:n_dec], num_slots, device, num_state_slots),
+                 build_batch(segs[n_dec:], num_slots, device, num_state_slots))
     return ForwardBatch(
         input_ids=tensor(ids),
         positions=tensor(pos),
@@ -244,6 +251,7 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         logits_index=tensor(logit_rows),
         logits_split=[s.num_logits for s in segs],
         order=order,
+        decode_split=split,
     )
 
 

@@ -114,8 +114,7 @@ class DecodeGraphs:
         size = batch.slots.shape[0]
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
-        head = model.embed.weight if model.lm_head is None else model.lm_head.weight  # as HybridModel.logits
-        logits = linear(model(batch, self.cache), head, out=self.logits[:size])  # straight into the static buffer
+        logits = linear(model(batch, self.cache), model.head_weight, out=self.logits[:size])  # as HybridModel.logits  # straight into the static buffer
         torch.argmax(logits, dim=-1, out=self.tokens[:size])
 
     @torch.inference_mode()
@@ -124,7 +123,7 @@ class DecodeGraphs:
         for b in self.sizes:  # every row padding: capture (and its warm-up run) touches no state
             self.host[b][:2], self.host[b][2] = 0, -1
             self.inputs[b].copy_(self.host[b])
-        self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=self.model.embed.weight.dtype,
+        self.logits = torch.empty(top, self.model.cfg.vocab_size, dtype=self.model.dtype,
                                   device=self.device)
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):

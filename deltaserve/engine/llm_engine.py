@@ -76,7 +76,7 @@ class LLMEngine:
         if spec_tokens and model.mtp is None:
             raise ValueError("spec_tokens > 0 needs MTP weights (mtp.*), and this checkpoint has none")
         mtp_layers = len(model.mtp.layers) if spec_tokens else 0
-        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.embed.weight.dtype, self.device,
+        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device,
                                  extra_state_slots + max_num_seqs * spec_tokens, mtp_layers)
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.cache.size.describe())
         self.runner = ModelRunner(model, self.cache, self.device)

@@ -17,10 +17,7 @@ class ModelRunner:
     def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         if device.type == "cpu":
-            pack_for_cpu(model)  # matmuls on oneDNN-packed F32 weights (issue 9)
-        if device.type == "cuda":
-            from ..kernels.triton.linear import use_triton_linears
-            use_triton_linears(model)  # one-row products (decode of one sequence) as a Triton GEMV
+            pack_for_cpu(model)  # weights repacked for the native kernels, in their own formats (issue 15)
         self.graphs = DecodeGraphs(model, cache, device) if device.type == "cuda" else None  # decode steps
 
     @torch.inference_mode()

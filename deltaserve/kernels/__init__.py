@@ -1,8 +1,9 @@
 """The one dispatch point for the model's kernels.
 
-Layers call these names only. CPU tensors run the torch reference (`reference.py`); CUDA tensors
-run the Triton kernels of `triton/` (imported on first use, so CPU installs need no Triton), each
-checked against the reference in tests/cuda.
+Layers call these names only. CPU tensors run the native kernels (`cpu_native.py`) where they apply, else the
+torch reference (`reference.py`, `quantized.py`); CUDA tensors run the Triton kernels of `triton/` (imported on
+first use, so CPU installs need no Triton), each checked against the reference in tests/cuda. A weight matrix
+is a float tensor, a QuantizedWeight (its GGUF blocks) or a packed CPU weight; `linear` and `embedding` take all.
 """
 
 from __future__ import annotations
@@ -11,13 +12,36 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native, reference
+from .quantized import QuantizedWeight, quantized_linear
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "gated_attention_decode",
+__all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
            "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
-           "norm_rotary", "rms_norm", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe", "swiglu_gemv"]
+           "linear", "norm_rotary", "rms_norm", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
+           "swiglu_gemv"]
 
-NATIVE_MAX_MOE_ROWS = 16  # tokens up to which the native MoE block beats the packed matmuls on CPU
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x [..., K] @ weight^T -> [..., N]. Packed CPU weights: the native kernels (float32 x); QuantizedWeight: its
+    torch reference (float32 out); CUDA without autograd: the Triton GEMV for one bf16/fp16 row, else cuBLAS;
+    otherwise F.linear, a weight stored in another float dtype (bf16 kept as stored) cast to x's."""
+    if cpu_native.is_packed(weight):
+        return cpu_native.linear(x, weight)
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight).to(x.dtype)
+    if x.is_cuda and not torch.is_grad_enabled():
+        from .triton.linear import linear as cuda_linear
+        return cuda_linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight.to(x.dtype))
+
+
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """Rows `ids` of an embedding weight [V, D], dequantized to float32 where it is not a float tensor."""
+    if cpu_native.is_packed(weight):
+        return cpu_native.embedding(ids, weight)
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize(ids.reshape(-1)).view(*ids.shape, weight.shape[-1])
+    return F.embedding(ids, weight)
 
 
 def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_weight: torch.Tensor,
@@ -63,9 +87,10 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
 def decoder_layer_decode(x: torch.Tensor, residual: torch.Tensor | None, layer, layer_cache,
                          batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A whole DecoderLayer (its forward's arguments and results) in one or two native calls, for float32 CPU
-    steps of one token per sequence and at most cpu_native.NATIVE_MAX_ROWS sequences. None elsewhere (then:
-    the layer's modules, through the two functions above on CPU)."""
-    if (x.is_cuda or not batch.one_token_each or x.shape[0] > cpu_native.NATIVE_MAX_ROWS
+    steps of one token per sequence on packed weights. None elsewhere (then: the layer's modules, through the two
+    functions above on CPU)."""
+    proj = layer.mixer.in_proj if layer.kind == "linear_attention" else layer.mixer.qkv_proj
+    if (x.is_cuda or not batch.one_token_each or not cpu_native.is_packed(proj.weight)
             or not cpu_native.applies(x, *layer_cache)):
         return None
     return cpu_native.decoder_layer(x, residual, layer, layer_cache, batch)
@@ -153,12 +178,12 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 def sparse_moe(x: torch.Tensor, moe) -> torch.Tensor | None:
     """The whole SparseMoE block (router, routed experts, shared expert) of [T, D] rows in one call: Triton on
-    CUDA, the native kernel for float32 CPU steps of few tokens; None elsewhere (the module's torch code)."""
+    CUDA, the native kernel for float32 CPU rows on packed weights; None elsewhere (the module's torch code)."""
     if x.is_cuda:
         from .triton.moe import sparse_moe as cuda_sparse_moe
         return cuda_sparse_moe(x, moe.router.weight, moe.experts_gate_up, moe.experts_down, moe.shared.gate_up.weight,
                                moe.shared.down.weight, moe.shared_gate.weight, moe.top_k, moe.norm_topk)
-    if 0 < x.shape[0] <= NATIVE_MAX_MOE_ROWS and cpu_native.applies(x, moe.experts_gate_up):
+    if x.shape[0] > 0 and cpu_native.is_packed(moe.experts_gate_up) and cpu_native.applies(x):
         return cpu_native.moe_block(x, moe)
     return None
 

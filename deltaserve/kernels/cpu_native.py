@@ -1,8 +1,11 @@
-"""The C++ float32 CPU kernels of `csrc/` for few-token steps (issue 9).
+"""The C++ CPU kernels of `csrc/`: weights packed from the file's own formats and the products on them, the MoE
+block, and the decode steps of the GDN and attention layers (issues 9 and 15).
 
-Built on first use with torch's extension builder (g++ and ninja; ~40 s once, then cached under
-~/.cache/torch_extensions). Where it cannot be built, `ops()` returns None and callers keep the torch
-path, which is also the oracle these kernels are tested against (tests/test_cpu_native.py).
+Built on first use with torch's extension builder (g++ and ninja; ~1 min once, then cached under
+~/.cache/torch_extensions) for the SIMD the CPU has, read from its flags: AVX-512 with VNNI, AVX-512, AVX2 or
+plain C (`DELTASERVE_CPU_ISA=avx2|avx512|generic` caps it; AMX is never used: VMs advertise it unusable). Where
+it cannot be built, `ops()` returns None and callers keep the torch path, which is also the oracle these kernels
+are tested against (tests/test_cpu_native.py, tests/test_cpu_quantized.py).
 
 R = rows, K = inputs, N = outputs, B = sequences, C = conv channels, H = V heads, Dv = V head dim.
 """
@@ -12,13 +15,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import warnings
 import weakref
 
 import torch
 
+from .quantized import FLOAT_DTYPES, QuantizedWeight
+
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-NATIVE_MAX_ROWS = 2  # products of up to this many rows take `linear`; from 3 rows oneDNN is faster (RESULTS.md)
+ISA_LEVELS = ("generic", "avx2", "avx512", "avx512-vnni")  # each needs the CPU flags of the one before and its own
+ISA_NEEDS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+             "avx512-vnni": ("avx512_vnni",)}
+ISA_FLAGS = {"generic": [], "avx2": ["-mavx2", "-mfma", "-mf16c"],
+             "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+             "avx512-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                             "-mavx512vnni"]}
 
 
 def _sources_digest() -> str:
@@ -31,17 +43,39 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def cpu_isa() -> str:
+    """The best ISA level this CPU's flags allow, capped by DELTASERVE_CPU_ISA."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "generic"
+    try:
+        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    level = "generic"
+    for name in ISA_LEVELS[1:]:
+        if not all(f in flags for f in ISA_NEEDS[name]):
+            break
+        level = name
+    cap = os.environ.get("DELTASERVE_CPU_ISA", level)
+    if cap not in ISA_LEVELS:
+        raise ValueError(f"DELTASERVE_CPU_ISA must be one of {', '.join(ISA_LEVELS)}, got {cap!r}")
+    return min(level, cap, key=ISA_LEVELS.index)
+
+
 @functools.cache
-def ops():
-    """The compiled module, or None (with one warning) where no C++ toolchain can build it."""
+def ops(isa: str | None = None):
+    """The compiled module for `isa` (default: cpu_isa()), or None (with one warning) where no C++ toolchain can
+    build it."""
     if os.environ.get("DELTASERVE_NO_NATIVE") == "1":
         return None
+    isa = isa or cpu_isa()
     try:
         from torch.utils.cpp_extension import load
         # -fopenmp: at::parallel_for is header code, threaded only when compiled with OpenMP; the library
         # resolves to the libgomp torch already loaded, so both share one thread pool
-        return load(f"deltaserve_cpu_ops_{_sources_digest()}", [os.path.join(CSRC, "cpu_ops.cpp")],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        name = f"deltaserve_cpu_ops_{_sources_digest()}_{isa.replace('-', '_')}"
+        return load(name, [os.path.join(CSRC, "cpu_ops.cpp")],
+                    extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler / ninja: the torch path still runs, only slower
         warnings.warn(f"deltaserve: CPU kernels not built ({err}); using the torch path")
         return None
@@ -53,14 +87,45 @@ def applies(*tensors: torch.Tensor) -> bool:
             and ops() is not None)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [R, K] . weight [N, K]^T -> [R, N]; weight row-major. For few rows (each row of the weight is
-    read once for up to 4 inputs)."""
-    return ops().linear(x.contiguous(), weight.contiguous())
+def is_packed(weight) -> bool:
+    """Whether `weight` is a packed CPU weight (ops().PackedWeight)."""
+    return type(weight).__name__ == "PackedWeight" and hasattr(weight, "segments")
+
+
+_QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
+
+
+def pack(weight: torch.Tensor | QuantizedWeight):
+    """A float weight [N, K] / [E, N, K] (float32, float16 or bfloat16) or a QuantizedWeight -> the packed layout the
+    kernels read (csrc/packed.h): same values, the file's format kept, about the same bytes."""
+    if isinstance(weight, QuantizedWeight):
+        shape, col_perm = weight.shape, weight.col_perm
+        parts = [(s.qtype, s.data) for s in weight.segments]
+    else:
+        shape, col_perm = tuple(weight.shape), None
+        data = weight.detach().contiguous()
+        parts = [(_QTYPE_OF_DTYPE[data.dtype], data.view(torch.uint8))]
+    segments, row = [], 0
+    for qtype, data in parts:
+        raw = data if len(shape) == 3 else data[None]  # [E, rows, row bytes]
+        segments.append(ops().pack_segment(int(qtype), row, raw.contiguous()))
+        row += raw.shape[1]
+    return ops().PackedWeight(shape[-2], shape[-1], segments, col_perm)
+
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """x [..., K] float32 @ packed weight^T -> [..., N]; a row's result does not depend on the other rows."""
+    return ops().linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.n)
+
+
+def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
+    """Rows `ids` of a packed weight, dequantized: [..., K] float32."""
+    return weight.rows(0, ids.reshape(-1)).view(*ids.shape, weight.k)
 
 
 def moe_block(x: torch.Tensor, moe) -> torch.Tensor:
-    """The whole SparseMoE block (router, top-k, routed and shared SwiGLU experts) of x [R, D] -> [R, D]."""
+    """The whole SparseMoE block (router, top-k, routed and shared SwiGLU experts) of x [R, D] -> [R, D], any R;
+    the module's weights packed."""
     return ops().moe_block(x.contiguous(), *_moe_args(moe))
 
 
@@ -100,7 +165,7 @@ def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], bat
 
 def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: tuple[torch.Tensor, torch.Tensor],
                   batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per sequence, at most NATIVE_MAX_ROWS of them, through a whole DecoderLayer, with its forward's
+    """One token per sequence through a whole DecoderLayer (weights packed), with its forward's
     arguments and results (x, residual [B, D] -> FFN output, residual stream). The residual add, norms and token
     mixer (both projections included) are one native call, a MoE FFN another. cache: the layer's (conv,
     delta-rule) pools or (K, V) caches, updated in place at the batch's slots."""

@@ -11,13 +11,15 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from ..kernels.quantized import QuantizedWeight
+from .linear import Linear
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, width: int):
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * width, bias=False)  # rows [gate | up]
-        self.down = nn.Linear(width, hidden, bias=False)
+        self.gate_up = Linear(hidden, 2 * width)  # rows [gate | up]
+        self.down = Linear(width, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
         h = kernels.swiglu_gemv(x, self.gate_up.weight)  # CUDA, one row: one launch; else None
@@ -29,11 +31,11 @@ class SparseMoE(nn.Module):
         super().__init__()
         e, i, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.top_k, cfg.norm_topk_prob
-        self.router = nn.Linear(d, e, bias=False)
+        self.router = Linear(d, e)
         self.experts_gate_up = nn.Parameter(torch.empty(e, 2 * i, d))  # [E, 2I, D] rows [gate | up]
         self.experts_down = nn.Parameter(torch.empty(e, d, i))  # [E, D, I]
         self.shared = MLP(d, cfg.shared_expert_intermediate_size)
-        self.shared_gate = nn.Linear(d, 1, bias=False)
+        self.shared_gate = Linear(d, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, D]
         fused = kernels.sparse_moe(x, self)  # CUDA, or few float32 tokens on CPU: one call
@@ -61,5 +63,10 @@ class SparseMoE(nn.Module):
         return out + (ys * weights.to(x.dtype)[..., None]).sum(1)
 
     def expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, D] -> [n, D]
-        gate, up = F.linear(rows, self.experts_gate_up[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.experts_down[e])
+        gate, up = kernels.linear(rows, _expert(self.experts_gate_up, e)).chunk(2, dim=-1)
+        return kernels.linear(F.silu(gate) * up, _expert(self.experts_down, e))
+
+
+def _expert(stack, e: int):
+    """Expert e's matrix of a stack [E, N, K] (a tensor or a QuantizedWeight)."""
+    return stack.expert(e) if isinstance(stack, QuantizedWeight) else stack[e]

@@ -13,6 +13,7 @@ from torch import nn
 from .. import kernels
 from ..config import ModelConfig
 from ..engine.batch import ForwardBatch
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 
@@ -22,26 +23,38 @@ class GatedDeltaNet(nn.Module):
         self.hk, self.h = cfg.num_k_heads, cfg.num_v_heads
         self.dk, self.dv = cfg.k_head_dim, cfg.v_head_dim
         self.key_dim, self.value_dim = self.hk * self.dk, self.h * self.dv
-        self.in_proj = nn.Linear(cfg.hidden_size, cfg.conv_dim + self.value_dim + 2 * self.h, bias=False)
+        self.in_proj = Linear(cfg.hidden_size, cfg.conv_dim + self.value_dim + 2 * self.h)
         self.conv_weight = nn.Parameter(torch.empty(cfg.conv_dim, cfg.conv_kernel))  # [C, K]
         self.A_log = nn.Parameter(torch.empty(self.h))
         self.dt_bias = nn.Parameter(torch.empty(self.h))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; state = (conv pool [S, K-1, C], delta-rule pool [S, H, Dk, Dv] fp32)."""
-        t = x.shape[0]
+        proj = self.in_proj(x)
+        split = None if x.is_cuda else batch.decode_split
+        if split is None:
+            return self.mix(proj, batch, state, project=True)
+        n = split[0].num_segments  # CPU: decode rows take the decode kernels whatever else shares the step
+        return self.out_proj(torch.cat([self.mix(proj[:n], split[0], state), self.mix(proj[n:], split[1], state)]))
+
+    def mix(self, proj: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor],
+            project: bool = False) -> torch.Tensor:
+        """In-projection rows [T, C + H*Dv + 2H] -> the gated-normed delta-rule output [T, H*Dv], or with project
+        that through the out-projection [T, hidden]."""
+        t = proj.shape[0]
         conv_dim = self.conv_weight.shape[0]
-        mixed, z, b, a = self.in_proj(x).split([conv_dim, self.value_dim, self.h, self.h], dim=-1)
+        mixed, z, b, a = proj.split([conv_dim, self.value_dim, self.h, self.h], dim=-1)
         fused = kernels.gated_delta_net_decode(mixed, z, a, b, self, state[0], state[1], batch)
         if fused is not None:  # CPU decode: conv .. gated norm in one call
-            return self.out_proj(fused)
+            return self.out_proj(fused) if project else fused
         out = kernels.gated_delta_net(mixed, a, b, self.conv_weight, self.A_log, self.dt_bias, state[0], state[1],
                                       batch, self.hk, self.dk)  # [T, H, Dv]: conv, gating, delta rule by slot
-        out = out.to(x.dtype)
-        y = kernels.gated_norm_linear(out.view(t, -1), z, self.norm, self.out_proj.weight)  # CUDA, one row: one launch
-        if y is not None:
-            return y
-        out = self.norm(out, z.view(t, self.h, self.dv))
-        return self.out_proj(out.reshape(t, -1))
+        out = out.to(proj.dtype)
+        if project:  # CUDA, one row: norm and projection in one launch
+            y = kernels.gated_norm_linear(out.view(t, -1), z, self.norm, self.out_proj.weight)
+            if y is not None:
+                return y
+        out = self.norm(out, z.view(t, self.h, self.dv)).reshape(t, -1)
+        return self.out_proj(out) if project else out

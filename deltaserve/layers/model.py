@@ -15,6 +15,7 @@ from ..engine.batch import ForwardBatch
 from .attention import GatedAttention
 from .feed_forward import MLP, SparseMoE
 from .gated_deltanet import GatedDeltaNet
+from .linear import Embedding, Linear
 from .norm import RMSNorm
 
 
@@ -49,7 +50,7 @@ class MTPHead(nn.Module):
         d = cfg.hidden_size
         self.pre_fc_norm_embedding = RMSNorm(d, cfg.rms_norm_eps)
         self.pre_fc_norm_hidden = RMSNorm(d, cfg.rms_norm_eps)
-        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.fc = Linear(2 * d, d)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, "full_attention", cfg.num_experts > 0) for _ in range(num_layers)
         )
@@ -71,12 +72,12 @@ class HybridModel(nn.Module):
     def __init__(self, cfg: ModelConfig, mtp_layers: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, kind, moe) for kind, moe in zip(cfg.layer_types, cfg.moe_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.mtp = MTPHead(cfg, mtp_layers) if mtp_layers else None
 
     def forward(self, batch: ForwardBatch, cache: HybridCache) -> torch.Tensor:
@@ -86,7 +87,16 @@ class HybridModel(nn.Module):
             x, residual = layer(x, residual, batch, cache.layer(i))
         return kernels.add_rms_norm(residual, x, self.norm)[1]
 
+    @property
+    def head_weight(self):
+        """The LM head's weight [V, D]: the embedding's when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (weights may be stored in other formats)."""
+        return self.norm.weight.dtype
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[R, D] -> [R, V] float32."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return kernels.linear(hidden, self.head_weight).float()

@@ -1,12 +1,14 @@
-"""A GGUF file seen as a Hugging Face checkpoint: names(), shape(name), get(name), like SafetensorsDir.
+"""A GGUF file seen as a Hugging Face checkpoint: names(), shape(name), get(name), like SafetensorsDir, and
+get_stored(name): a weight matrix in the formats the file stores it in (see weights/rows.py).
 
-Tensors are dequantized lazily, one get() at a time, from the memory-mapped file; a progress bar
-follows the bytes read for large files. `memory_report()` says what the dequantized weights take.
+Tensors are read lazily, one get at a time; a progress bar follows the bytes read for large files.
+`memory_report()` says what the file's tensors take and what dequantizing them would.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections import Counter
 from math import prod
 from pathlib import Path
@@ -15,9 +17,11 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..kernels.quantized import QuantizedWeight
 from .gguf_config import config_from_gguf
 from .gguf_file import GGUFFile
 from .gguf_plan import plan_sources
+from .rows import combine_rows
 
 log = logging.getLogger(__name__)
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB of tensor data
@@ -51,13 +55,28 @@ class GGUFCheckpoint:
         """The HF tensor `name` in float32, rebuilt from its dequantized GGUF parts."""
         src = self._sources[name]
         out = src.build([self.file.read(p) for p in src.parts])
-        for p in src.parts:
+        self._read(src.parts)
+        return out
+
+    def get_stored(self, name: str) -> torch.Tensor | QuantizedWeight:
+        """The HF weight matrix `name` with its rows in the formats the file stores them in (float tensors where
+        that is one float dtype); a column permutation is kept as QuantizedWeight.col_perm."""
+        src = self._sources[name]
+        parts = [self.file.read_stored(p) for p in src.parts]
+        self._read(src.parts)
+        if src.moves_columns and isinstance(parts[0], QuantizedWeight):
+            k = parts[0].shape[-1]
+            perm = src.build([torch.arange(k).view(1, k)])[0]  # the same move on column numbers
+            return replace(parts[0], col_perm=perm)
+        return combine_rows(src.build, parts)
+
+    def _read(self, parts: tuple[str, ...]) -> None:
+        for p in parts:
             if p in self._unread:
                 self._unread.discard(p)
                 self._bar.update(self.file.data_bytes(p))
         if not self._unread:
             self._bar.close()
-        return out
 
     def memory_report(self) -> str:
         """e.g. 'm.gguf: 1.02 GiB of tensor data (Q8_0 x280, F32 x97), dequantized 3.80 GiB as float32, 1.90 GiB

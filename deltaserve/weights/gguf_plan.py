@@ -7,7 +7,7 @@ tensors are all collected and reported together, by their GGUF names, against wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 from typing import Callable
 
@@ -28,7 +28,8 @@ Shapes = list[tuple[int, ...]]
 class Source:
     parts: tuple[str, ...]  # GGUF tensor names, read in this order
     shape: tuple[int, ...]  # shape of the rebuilt HF tensor
-    build: Callable[[Tensors], torch.Tensor]
+    build: Callable[[Tensors], torch.Tensor]  # moves rows only, except where moves_columns
+    moves_columns: bool = False  # build permutes the columns of its one part (then: kept as a column permutation)
 
 
 def _first(ts: Tensors) -> torch.Tensor:
@@ -63,9 +64,12 @@ class _Planner:
         if name in self.f.tensors and self.f.shape(name)[-2:-1] != (rows,):
             self.problems.append(f"{name} has shape {list(self.f.shape(name))}, expected {rows} rows")
 
-    def renamed(self, g: str, h: str, hf_suffix: str, build: Callable[[Tensors], torch.Tensor] | None = None) -> None:
+    def renamed(self, g: str, h: str, hf_suffix: str, build: Callable[[Tensors], torch.Tensor] | None = None,
+                moves_columns: bool = False) -> None:
         gguf = LAYER_NAMES[hf_suffix]
         self.add(h + hf_suffix, [g + gguf], build or (_norm if gguf in ZERO_CENTRED else _first))
+        if moves_columns and h + hf_suffix in self.sources:
+            self.sources[h + hf_suffix] = replace(self.sources[h + hf_suffix], moves_columns=True)
 
     def layer(self, g: str, h: str, kind: str, moe: bool) -> None:
         """g: GGUF prefix 'blk.N.'; h: HF prefix 'model.layers.N.' or 'mtp.layers.J.'."""
@@ -97,7 +101,8 @@ class _Planner:
             self.renamed(g, h, m + "in_proj_z.weight", lambda ts: v_group(ts[0], 0, cfg, cfg.v_head_dim))
             for p in ("in_proj_b.weight", "in_proj_a.weight"):
                 self.renamed(g, h, m + p, lambda ts: v_group(ts[0], 0, cfg, 1))
-            self.renamed(g, h, m + "out_proj.weight", lambda ts: v_group(ts[0], 1, cfg, cfg.v_head_dim))
+            self.renamed(g, h, m + "out_proj.weight", lambda ts: v_group(ts[0], 1, cfg, cfg.v_head_dim),
+                         moves_columns=True)
             order = lambda ts: v_group(ts[0].reshape(-1), 0, cfg, 1)  # noqa: E731  [H] per-V-head vectors
         self.renamed(g, h, m + "A_log", lambda ts: order([a_from_gguf(ts[0])]))
         self.renamed(g, h, m + "dt_bias", order)

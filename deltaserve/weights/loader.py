@@ -1,4 +1,9 @@
-"""Builds a HybridModel from a checkpoint directory, checking every tensor against the config first."""
+"""Builds a HybridModel from a checkpoint directory or GGUF file, checking every tensor against the config first.
+
+On the CPU with float32 activations, weight matrices keep the format the file stores them in (bf16 tensors stay
+bf16, GGUF blocks stay blocks: QuantizedWeight) and the CPU runner packs them for the native kernels; elsewhere
+every tensor is converted to the model's dtype (GGUF blocks dequantized).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..kernels.quantized import QuantizedWeight
+from ..layers.feed_forward import SparseMoE
+from ..layers.linear import Embedding, Linear, set_weight
 from ..layers.model import HybridModel
 from .hf_layout import hf_recipes
+from .rows import combine_rows
 from .safetensors_dir import CheckpointError, SafetensorsDir
 
 
@@ -44,9 +53,31 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     with torch.device("meta"):
         model = HybridModel(cfg, mtp_layers)
-    state = {}
+    as_stored = torch.device(device).type == "cpu" and dtype == torch.float32
+    matrices = matrix_params(model) if as_stored else set()
+    state, kept = {}, {}
     for param, recipe in recipes.items():
-        tensor = recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
-        state[param] = tensor.to(device=device, dtype=dtype).contiguous()
-    model.load_state_dict(state, strict=True, assign=True)
+        if param in matrices:  # rows in their stored formats
+            weight = combine_rows(recipe.combine, [ckpt.get_stored(name) for name, _ in recipe.sources])
+            if isinstance(weight, QuantizedWeight) or weight.dtype != dtype:
+                kept[param] = weight.contiguous() if isinstance(weight, torch.Tensor) else weight
+                continue
+        else:
+            weight = recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
+        state[param] = weight.to(device=device, dtype=dtype).contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+    for param, weight in kept.items():
+        module_name, _, attr = param.rpartition(".")
+        set_weight(model.get_submodule(module_name), attr, weight)
     return model.eval(), cfg
+
+
+def matrix_params(model: HybridModel) -> set[str]:
+    """Names of the weight matrices (linear layers, embedding, expert stacks): those that may stay quantized."""
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (Linear, Embedding)):
+            out.add(f"{name}.weight")
+        elif isinstance(module, SparseMoE):
+            out.update({f"{name}.experts_gate_up", f"{name}.experts_down"})
+    return out

@@ -66,6 +66,10 @@ class SafetensorsDir:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shape[name]
 
+    def get_stored(self, name: str) -> torch.Tensor:
+        """The tensor in the dtype the file stores it in (get does the same: safetensors holds plain tensors)."""
+        return self.get(name)
+
     def get(self, name: str) -> torch.Tensor:
         fname, raw = self._where[name]
         try:

@@ -8,7 +8,7 @@ import torch
 from deltaserve import LLM
 from deltaserve.weights.gguf_export import export_gguf
 from deltaserve.weights.loader import load_model
-from tiny_models import ARCHS, save_hf_model
+from tiny_models import ARCHS, dense_state_dict, save_hf_model
 
 PROMPTS = [[5, 17, 200, 3, 99, 42, 7, 250, 1, 128, 64, 31], [9, 8, 7]]
 
@@ -18,11 +18,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_same_model(hf_path, gguf_path, atol: float = 0.0) -> None:
-    """Same config and the same parameters (to `atol`) whether loaded from safetensors or from GGUF."""
+    """Same config and the same parameter values (to `atol`) whether loaded from safetensors or from GGUF (each
+    keeps its weight matrices in the dtype its file stores them in)."""
     m_hf, cfg_hf = load_model(hf_path)
     m_gg, cfg_gg = load_model(gguf_path)
     assert cfg_gg == cfg_hf
-    hf, gg = m_hf.state_dict(), m_gg.state_dict()
+    hf, gg = dense_state_dict(m_hf), dense_state_dict(m_gg)
     assert gg.keys() == hf.keys()
     for name in hf:
         torch.testing.assert_close(gg[name], hf[name], atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

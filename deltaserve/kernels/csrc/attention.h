@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#include "matmul.h"
 #include "norm.h"
+#include "simd.h"
 
 // One decode token per sequence through a gated attention layer between its projections: q/k RMS norm,
 // partial rotary, K/V written at (slot, position), softmax attention over the slot's positions 0..position,
@@ -51,9 +51,9 @@ torch::Tensor attention_decode(torch::Tensor qg, torch::Tensor k, torch::Tensor 
       p.resize(n);
       float mx = -INFINITY, total = 0.f;
       const float* qd = q.data();
-      for (int64_t j = 0; j < n; ++j) {  // q . k_j with the matmul's SIMD dot (a scalar float sum won't vectorize)
-        dot_row<1>(kc + ((sl[b] * M + j) * G + g) * D, &qd, D, &p[j], 1);
-        p[j] *= (float)scale, mx = std::max(mx, p[j]);
+      for (int64_t j = 0; j < n; ++j) {  // q . k_j with a SIMD dot (a scalar float sum won't vectorize)
+        p[j] = dot_f32(kc + ((sl[b] * M + j) * G + g) * D, qd, D) * (float)scale;
+        mx = std::max(mx, p[j]);
       }
       for (int64_t j = 0; j < n; ++j) total += p[j] = std::exp(p[j] - mx);
       float* o = op + b * H * D + h * D;

@@ -1,73 +1,56 @@
-// The sparse MoE block for few tokens (router, routed and shared SwiGLU experts) in one call.
+// The sparse MoE block (router, routed and shared SwiGLU experts) for any number of tokens, in one call.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#include "matmul.h"
+#include "packed.h"
+#include "qlinear.h"
 
-struct Expert { const float* gate_up; const float* down; int64_t width; };  // [2I, D] rows [gate | up], [D, I]
-
-// y[p] = down(silu(gate) * up)(x[p / pairs_per_token]) for every pair p of every expert; one pass per product over
-// (expert, block of output rows), so each weight row is read once for all of its expert's tokens.
-static void swiglu_pairs(const float* x, int64_t D, const std::vector<Expert>& experts,
-                         const std::vector<std::vector<int64_t>>& pairs_of, int64_t pairs_per_token,
-                         float* h, int64_t h_stride, float* y) {
-  struct Item { int64_t e, n0, n1; };
-  auto product = [&](bool first) {
-    std::vector<Item> items;
-    for (int64_t e = 0; e < (int64_t)experts.size(); ++e) {
-      const int64_t rows = first ? 2 * experts[e].width : D, cols = first ? D : experts[e].width;
-      const int64_t block = std::max<int64_t>(16, ITEM_FLOATS / cols);  // equal bytes per item: balanced threads
-      if (!pairs_of[e].empty())
-        for (int64_t n = 0; n < rows; n += block) items.push_back({e, n, std::min(n + block, rows)});
+// One product over every expert hit: ys[p] = W_e . rows[p] for the pairs p of each expert e (w: the routed stack,
+// experts 0..E-1; shared: the shared expert, index E). Work items are (expert, block of weight groups), so each
+// weight row is read once per step for all tokens routed to its expert.
+static void expert_product(const PackedWeight& w, const PackedWeight& shared, const std::vector<std::vector<int64_t>>& pairs_of,
+                           const std::vector<ActRow>& rows, const std::vector<float*>& ys) {
+  struct Item { int64_t e, g0, g1; };
+  std::vector<Item> items;
+  std::vector<std::vector<ActRow>> rows_of(pairs_of.size());
+  std::vector<std::vector<float*>> ys_of(pairs_of.size());
+  for (int64_t e = 0; e < (int64_t)pairs_of.size(); ++e) {
+    const auto& pairs = pairs_of[e];
+    if (pairs.empty()) continue;
+    for (int64_t p : pairs) rows_of[e].push_back(rows[p]), ys_of[e].push_back(ys[p]);
+    const PackedWeight& m = e < w.experts ? w : shared;
+    const int64_t grain = group_grain(m, (int64_t)pairs.size()), G = m.groups();
+    for (int64_t g = 0; g < G; g += grain) items.push_back({e, g, std::min(g + grain, G)});
+  }
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Item& it = items[i];
+      const bool routed = it.e < w.experts;
+      linear_groups(routed ? w : shared, routed ? it.e : 0, rows_of[it.e].data(), (int64_t)rows_of[it.e].size(),
+                    ys_of[it.e].data(), it.g0, it.g1);
     }
-    at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
-      std::vector<const float*> xs; std::vector<float*> ys;
-      for (int64_t i = i0; i < i1; ++i) {
-        const Item& it = items[i];
-        const Expert& ex = experts[it.e];
-        xs.clear(); ys.clear();
-        for (int64_t p : pairs_of[it.e]) {
-          xs.push_back(first ? x + p / pairs_per_token * D : h + p * h_stride);
-          ys.push_back(first ? h + p * h_stride : y + p * D);
-        }
-        dot_rows(first ? ex.gate_up : ex.down, it.n0, it.n1, first ? D : ex.width, xs.data(), ys.data(),
-                 (int64_t)xs.size());
-      }
-    });
-  };
-  product(true);
-  for (int64_t e = 0; e < (int64_t)experts.size(); ++e)  // h[p, :I] = silu(gate) * up, in place
-    for (int64_t p : pairs_of[e])
-      for (int64_t i = 0, I = experts[e].width; i < I; ++i) {
-        const float g = h[p * h_stride + i];
-        h[p * h_stride + i] = g / (1.f + std::exp(-g)) * h[p * h_stride + I + i];
-      }
-  product(false);
+  });
 }
 
-// The sparse MoE block for few tokens: router softmax, top-k (renormalised if norm_topk), routed SwiGLU
-// experts and the sigmoid-gated shared expert. x [R, D]; router [E, D]; gate_up [E, 2I, D]; down [E, D, I];
-// shared_gate_up [2Is, D]; shared_down [D, Is]; shared_gate [1, D]. Returns [R, D].
-torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gate_up, torch::Tensor down,
-                        torch::Tensor shared_gate_up, torch::Tensor shared_down, torch::Tensor shared_gate,
-                        int64_t top_k, bool norm_topk) {
-  const int64_t R = x.size(0), D = x.size(1), E = gate_up.size(0), I = down.size(2), Is = shared_down.size(1);
-  const int64_t K1 = top_k + 1, P = R * K1;  // pairs per token: top_k routed, then the shared expert
-  for (const auto& w : {router, gate_up, down, shared_gate_up, shared_down, shared_gate})
-    TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kFloat, "MoE weights must be contiguous float32");
-  auto logits = small_linear(x, router), gate_logit = small_linear(x, shared_gate);  // [R, E], [R, 1]
+// The sparse MoE block: router softmax, top-k (renormalised if norm_topk), routed SwiGLU experts and the
+// sigmoid-gated shared expert. x [T, D]; router [E, D]; gate_up [E][2I, D] rows [gate | up]; down [E][D, I];
+// shared_gate_up [2Is, D]; shared_down [D, Is]; shared_gate [1, D]. Returns [T, D]. A token's result is summed in
+// a fixed order (its routed choices by rank, then the shared expert), never depending on the other tokens.
+torch::Tensor moe_block(torch::Tensor x, const PackedWeight& router, const PackedWeight& gate_up,
+                        const PackedWeight& down, const PackedWeight& shared_gate_up, const PackedWeight& shared_down,
+                        const PackedWeight& shared_gate, int64_t top_k, bool norm_topk) {
+  x = x.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = gate_up.experts, I = down.k, Is = shared_down.k;
+  const int64_t K1 = top_k + 1, P = T * K1;  // pairs per token: top_k routed, then the shared expert
+  auto logits = packed_linear(x, router), gate_logit = packed_linear(x, shared_gate);  // [T, E], [T, 1]
   const float *lg = logits.data_ptr<float>(), *sg = gate_logit.data_ptr<float>();
-  std::vector<Expert> experts;
-  for (int64_t e = 0; e < E; ++e)
-    experts.push_back({gate_up.data_ptr<float>() + e * 2 * I * D, down.data_ptr<float>() + e * D * I, I});
-  experts.push_back({shared_gate_up.data_ptr<float>(), shared_down.data_ptr<float>(), Is});
   std::vector<std::vector<int64_t>> pairs_of(E + 1);
   std::vector<float> weight(P);
   std::vector<int64_t> order(E);
-  for (int64_t t = 0; t < R; ++t) {
+  for (int64_t t = 0; t < T; ++t) {
     const float* l = lg + t * E;
     const float mx = *std::max_element(l, l + E);
     float total = 0.f;
@@ -84,13 +67,38 @@ torch::Tensor moe_block(torch::Tensor x, torch::Tensor router, torch::Tensor gat
     }
     weight[t * K1 + top_k] = 1.f / (1.f + std::exp(-sg[t]));
   }
-  auto h = torch::empty({P, 2 * std::max(I, Is)}, x.options());
-  auto y = torch::empty({P, D}, x.options());
-  float *yp = y.data_ptr<float>();
-  swiglu_pairs(x.data_ptr<float>(), D, experts, pairs_of, K1, h.data_ptr<float>(), h.size(1), yp);
-  auto out = torch::zeros({R, D}, x.options());
+  // first product: [gate | up] of each pair from its token's row
+  const int64_t H = 2 * std::max(I, Is);
+  auto h = torch::empty({P, H}, x.options()), y = torch::empty({P, D}, x.options());
+  float *hp = h.data_ptr<float>(), *yp = y.data_ptr<float>();
+  std::vector<const float*> xs(T);
+  for (int64_t t = 0; t < T; ++t) xs[t] = x.data_ptr<float>() + t * D;
+  const Acts routed_x(xs.data(), T, D, gate_up), shared_x(xs.data(), T, D, shared_gate_up);
+  std::vector<ActRow> rows(P);
+  std::vector<float*> hs(P), outs(P);
+  for (int64_t p = 0; p < P; ++p)
+    rows[p] = (p % K1 < top_k ? routed_x : shared_x).rows[p / K1], hs[p] = hp + p * H, outs[p] = yp + p * D;
+  expert_product(gate_up, shared_gate_up, pairs_of, rows, hs);
+  std::vector<const float*> h_rows(P);
+  for (int64_t p = 0; p < P; ++p) {  // h[p, :width] = silu(gate) * up, in place
+    const int64_t width = p % K1 < top_k ? I : Is;
+    float* r = hp + p * H;
+    for (int64_t i = 0; i < width; ++i) r[i] = r[i] / (1.f + std::exp(-r[i])) * r[width + i];
+    h_rows[p] = r;
+  }
+  // second product: down of each pair
+  std::vector<const float*> routed_h, shared_h;
+  for (int64_t p = 0; p < P; ++p) (p % K1 < top_k ? routed_h : shared_h).push_back(h_rows[p]);
+  const Acts routed_a(routed_h.data(), (int64_t)routed_h.size(), I, down);
+  const Acts shared_a(shared_h.data(), (int64_t)shared_h.size(), Is, shared_down);
+  for (int64_t p = 0; p < P; ++p)
+    rows[p] = p % K1 < top_k ? routed_a.rows[p / K1 * top_k + p % K1] : shared_a.rows[p / K1];
+  expert_product(down, shared_down, pairs_of, rows, outs);
+  auto out = torch::zeros({T, D}, x.options());
   float* op = out.data_ptr<float>();
-  for (int64_t p = 0; p < P; ++p)  // fixed order per token: routed choices, then the shared expert
-    for (int64_t d = 0; d < D; ++d) op[p / K1 * D + d] += weight[p] * yp[p * D + d];
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t p = t0 * K1; p < t1 * K1; ++p)  // fixed order per token: routed choices, then the shared expert
+      for (int64_t d = 0; d < D; ++d) op[p / K1 * D + d] += weight[p] * yp[p * D + d];
+  });
   return out;
 }

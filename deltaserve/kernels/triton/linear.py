@@ -12,8 +12,7 @@ On Hopper the GEMVs are programmatic dependent launches: a GEMV's programs start
 before it finishes, load their first weight block (weights: written by no kernel), then wait
 (griddepcontrol.wait) before reading x; the row-wise kernels before them signal early
 (griddepcontrol.launch_dependents). This hides each GEMV's ramp-up inside a CUDA graph.
-`use_triton_linears(model)` swaps the class of every bias-free nn.Linear for one whose forward calls
-`linear` (parameters and state_dict unchanged), as layers/cpu_packed.py does for the CPU.
+`kernels.linear` calls `linear` for CUDA products without autograd.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch import nn
 
 
 @triton.jit
@@ -178,14 +176,3 @@ def norm_gemv(x: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, eps: float
                                        num_warps=4 if bn <= 4 else 8, launch_pdl=on)
     return out
 
-
-class TritonLinear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return linear(x, self.weight)
-
-
-def use_triton_linears(model: nn.Module) -> None:
-    """Every bias-free nn.Linear of the model runs `linear` from now on (in place; idempotent)."""
-    for mod in model.modules():
-        if type(mod) is nn.Linear and mod.bias is None:
-            mod.__class__ = TritonLinear

@@ -1,0 +1,149 @@
+// The inner kernels: one group of 16 packed weight rows (packed.h) against RT activation rows (qlinear.h).
+// Plain C++ on simd.h (no torch), so they can be timed alone.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "simd.h"
+
+enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };  // GGML ids
+constexpr int64_t GROUP = 16;
+
+// Offsets inside a group's block of the K-quant layouts (packed.h)
+constexpr int64_t q45_quants(int64_t fmt, int c) { return 320 + c * (fmt == Q5_K ? 640 : 512); }  // c's [8 v] vectors
+constexpr int64_t q5_bits(int j) { return 320 + (j / 2) * 640 + 512 + (j % 2) * 64; }  // sub-block j's [8 v] u64
+constexpr int64_t q6_low(int p) { return 288 + 384 * p; }                             // pair p's [4 v] vectors
+constexpr int64_t q6_high(int s) { return 288 + 384 * (s / 2) + 256 + 64 * (s % 2); }  // sub-block s's high bits
+
+struct ActRow {       // one activation row as the kernels read it
+  const float* x;     // [K] floats (float formats), in the weight's column order
+  const int8_t* q;    // [K] int8 (integer formats)
+  const float* d;     // [K / 32] block scales
+  const int32_t* s;   // [K / 16] sums of q over 16
+};
+
+static inline int32_t bytes4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+// Float weights are prefetched this far ahead into L2 (it helped the F32 stream in the VM's slow minutes, issue 9);
+// the quantized tiles are not: the hardware prefetchers alone streamed them 1.6x faster (RESULTS.md).
+constexpr int64_t PREFETCH_BYTES = 8192;
+
+template <int RT, class Load>
+static void tile_float(const uint8_t* g, int64_t K, int64_t step, Load load, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  for (int64_t k = 0; k < K; ++k, g += step) {
+    if (k % (64 / step) == 0) __builtin_prefetch(g + PREFETCH_BYTES, 0, 1);
+    const f32x16 w = load(g);
+    for (int t = 0; t < RT; ++t) acc[t] = fma16(w, splat(a[t].x[k]), acc[t]);
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+template <int RT>
+static void tile_q8_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  for (int64_t b = 0; b < K / 32; ++b, g += 544) {
+    const f32x16 d = load_halves((const uint16_t*)g);
+    u8x64 w[8];
+    for (int v = 0; v < 8; ++v) w[v] = loadv<u8x64>(g + 32 + 64 * v);
+    for (int t = 0; t < RT; ++t) {
+      i32x16 p = splat_i(-128 * (a[t].s[2 * b] + a[t].s[2 * b + 1]));  // weights stored as q + 128
+      for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * b + 4 * v));
+      acc[t] = fma16(to_float(p), d * a[t].d[b], acc[t]);
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+template <int RT>
+static void tile_q4_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  for (int64_t b = 0; b < K / 32; ++b, g += 288) {
+    const f32x16 d = load_halves((const uint16_t*)g);
+    u8x64 w[8];
+    for (int v = 0; v < 4; ++v) {
+      const u32x16 l = loadv<u32x16>(g + 32 + 64 * v);
+      w[v] = (u8x64)(l & 0x0F0F0F0Fu), w[v + 4] = (u8x64)((l >> 4) & 0x0F0F0F0Fu);
+    }
+    for (int t = 0; t < RT; ++t) {
+      i32x16 p = splat_i(-8 * (a[t].s[2 * b] + a[t].s[2 * b + 1]));
+      for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * b + 4 * v));
+      acc[t] = fma16(to_float(p), d * a[t].d[b], acc[t]);
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+template <int RT, bool FIVE>  // Q4_K, or Q5_K with FIVE
+static void tile_q45_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  constexpr int64_t BYTES = FIVE ? 2880 : 2368;
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += BYTES) {
+    const f32x16 d = load_halves((const uint16_t*)g), dmin = load_halves((const uint16_t*)(g + 32));
+    for (int c = 0; c < 4; ++c) {
+      const uint8_t* qs = g + q45_quants(FIVE ? Q5_K : Q4_K, c);
+      u32x16 raw[8];
+      for (int v = 0; v < 8; ++v) raw[v] = loadv<u32x16>(qs + 64 * v);
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * c + h;  // sub-block of 32
+        const f32x16 dsc = d * load_u8_as_float(g + 64 + 16 * j), dm = dmin * load_u8_as_float(g + 192 + 16 * j);
+        u8x64 w[8];
+        for (int v = 0; v < 8; ++v) {
+          w[v] = (u8x64)((h ? raw[v] >> 4 : raw[v]) & 0x0F0F0F0Fu);
+          if (FIVE) w[v] |= bits_to_16(loadv<uint64_t>(g + q5_bits(j) + 8 * v));
+        }
+        const int64_t blk = 8 * sb + j;
+        for (int t = 0; t < RT; ++t) {
+          i32x16 p = {};
+          for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * blk + 4 * v));
+          const float dx = a[t].d[blk];
+          acc[t] = fma16(to_float(p), dsc * dx, acc[t]);
+          acc[t] = fma16(dm, splat(-dx * (float)(a[t].s[2 * blk] + a[t].s[2 * blk + 1])), acc[t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+template <int RT>
+static void tile_q6_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += 3360) {
+    const f32x16 d = load_halves((const uint16_t*)g);
+    for (int p = 0; p < 8; ++p) {  // sub-blocks 2p, 2p + 1 (16 each) = activation block 8 sb + p
+      u32x16 raw[4];
+      for (int v = 0; v < 4; ++v) raw[v] = loadv<u32x16>(g + q6_low(p) + 64 * v);
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * p + h;
+        const u32x16 hi = loadv<u32x16>(g + q6_high(s));
+        const f32x16 dsc = d * load_i8_as_float((const int8_t*)(g + 32 + 16 * s));
+        u8x64 w[4];
+        for (int v = 0; v < 4; ++v) {
+          const u32x16 top = (v < 2 ? hi << (4 - 2 * v) : hi >> (2 * v - 4)) & 0x30303030u;
+          w[v] = (u8x64)(((h ? raw[v] >> 4 : raw[v]) & 0x0F0F0F0Fu) | top);
+        }
+        const int64_t k0 = 256 * sb + 16 * s;
+        for (int t = 0; t < RT; ++t) {
+          i32x16 q = splat_i(-32 * a[t].s[k0 / 16]);
+          for (int v = 0; v < 4; ++v) q = dot4(q, w[v], bytes4(a[t].q + k0 + 4 * v));
+          acc[t] = fma16(to_float(q), dsc * a[t].d[k0 / 32], acc[t]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+template <int RT>
+static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x16* acc) {
+  switch (fmt) {
+    case F32: return tile_float<RT>(g, K, 64, [](const uint8_t* p) { return loadv<f32x16>(p); }, a, acc);
+    case F16: return tile_float<RT>(g, K, 32, [](const uint8_t* p) { return load_halves((const uint16_t*)p); }, a, acc);
+    case BF16: return tile_float<RT>(g, K, 32, [](const uint8_t* p) { return load_bf16((const uint16_t*)p); }, a, acc);
+    case Q8_0: return tile_q8_0<RT>(g, K, a, acc);
+    case Q4_0: return tile_q4_0<RT>(g, K, a, acc);
+    case Q4_K: return tile_q45_k<RT, false>(g, K, a, acc);
+    case Q5_K: return tile_q45_k<RT, true>(g, K, a, acc);
+    case Q6_K: return tile_q6_k<RT>(g, K, a, acc);
+  }
+}

@@ -86,23 +86,44 @@ def seq(rid, prompt_len, max_tokens=4):
 
 
 def test_scheduler_budget_chunks_and_admission():
-    s = Scheduler(SlotTable(2), max_num_batched_tokens=8)
+    s = Scheduler(SlotTable(2), max_num_batched_tokens=8, prefill_chunk=4)
     a, b, c = seq("a", 5), seq("b", 6), seq("c", 2)
     for x in (a, b, c):
         s.add(x)
     plan = s.schedule()
-    assert [(x.request_id, n) for x, n in plan] == [("a", 5), ("b", 3)]  # c waits: no slot
+    assert [(x.request_id, n) for x, n in plan] == [("a", 4), ("b", 4)]  # c waits: no slot
     assert {a.slot, b.slot} == {0, 1} and c.status is Status.WAITING
-    a.num_computed, b.num_computed = 5, 3
+    a.num_computed, b.num_computed = 4, 4
+    plan = s.schedule()
+    assert [(x.request_id, n) for x, n in plan] == [("a", 1), ("b", 2)]  # prompt ends
+    a.num_computed, b.num_computed = 5, 6
     a.output_ids.append(9)  # a sampled its first token: it decodes now
+    s.finish(b, "stop")
+    assert b.slot is None and s.slots.available == 1
     plan = s.schedule()
-    assert [(x.request_id, n) for x, n in plan] == [("a", 1), ("b", 3)]
-    s.finish(a, "stop")
-    assert a.slot is None and s.slots.available == 1
-    plan = s.schedule()
-    assert [(x.request_id, n) for x, n in plan] == [("b", 3), ("c", 2)]
+    assert [(x.request_id, n) for x, n in plan] == [("a", 1), ("c", 2)]
     s.finish(c, "abort")
-    assert not s.waiting and s.running == [b]
+    assert not s.waiting and s.running == [a]
+
+
+def test_prompt_split_points_do_not_depend_on_company():
+    """A prompt is cut at multiples of prefill_chunk from its start; a chunk that does not fit waits."""
+    s = Scheduler(SlotTable(4), max_num_batched_tokens=8, prefill_chunk=5)
+    decoders = [seq(str(i), 1) for i in range(3)]
+    long = seq("long", 12)
+    for x in decoders:
+        s.add(x)
+    s.schedule()
+    for x in decoders:
+        x.num_computed = 1
+        x.output_ids.append(0)
+    s.add(long)
+    assert [(x.request_id, n) for x, n in s.schedule()] == [("0", 1), ("1", 1), ("2", 1), ("long", 5)]
+    long.num_computed = 5
+    s.finish(decoders[0], "stop")
+    assert [n for x, n in s.schedule() if x is long] == [5]  # 10, not 6: the split stays on the grid
+    long.num_computed = 10
+    assert [n for x, n in s.schedule() if x is long] == [2]
 
 
 def test_scheduler_rotates_decodes_when_budget_is_short():

@@ -9,6 +9,7 @@ import torch
 from deltaserve import LLM, SamplingParams
 from deltaserve.cli.main import main
 from deltaserve.engine import model_runner
+from deltaserve.weights.gguf_export import export_gguf
 
 
 def run_json(capsys, *argv) -> dict:
@@ -50,15 +51,27 @@ def id_file(tmp_path_factory):
     return path
 
 
-def test_perplexity_parallel_equals_sequential(model, id_file, capsys):
+@pytest.fixture(scope="module")
+def q8_0_model(model, tmp_path_factory):
+    return str(export_gguf(model, tmp_path_factory.mktemp("q8") / "m.gguf", "q8_0"))
+
+
+def test_perplexity_parallel_equals_sequential_on_a_quantized_file(q8_0_model, id_file, capsys):
+    """Weights in Q8_0 blocks, int8 activations: parallel sequences score as sequential ones. Micro-batches of 24
+    split every sequence at other points than 64-token batches do; that moves the float rounding of the delta rule,
+    which an int8 activation rounding can magnify to a step (x20 by the tiny models' LM head): a looser bound."""
+    test_perplexity_parallel_equals_sequential(q8_0_model, id_file, capsys, micro_tol=(1e-4, 0.1))
+
+
+def test_perplexity_parallel_equals_sequential(model, id_file, capsys, micro_tol=(1e-6, 1e-5)):
     base = ["perplexity", "-m", model, "-f", str(id_file), "--ids", "-c", "64"]
     one = run_json(capsys, *base, "-b", "64")
     four = run_json(capsys, *base, "-b", "256")
     micro = run_json(capsys, *base, "-b", "256", "-ub", "24")  # several tokens per sequence per micro-batch
     assert (one["n_seq"], four["n_seq"], one["n_chunks"], one["n_tokens_scored"]) == (1, 4, 8, 8 * 31)
-    for other in (four, micro):
-        assert abs(other["ppl"] / one["ppl"] - 1) < 1e-6
-        assert max(abs(a - b) for a, b in zip(one["token_logprobs"], other["token_logprobs"])) < 1e-5
+    for other, (ppl_tol, logprob_tol) in ((four, (1e-6, 1e-5)), (micro, micro_tol)):
+        assert abs(other["ppl"] / one["ppl"] - 1) < ppl_tol
+        assert max(abs(a - b) for a, b in zip(one["token_logprobs"], other["token_logprobs"])) < logprob_tol
     # the number itself, computed here from LLM.score: second half of each chunk, token j+1 from position j
     ids = [int(x) for x in id_file.read_text().split(",")]
     chunks = [ids[i * 64:(i + 1) * 64] for i in range(8)]

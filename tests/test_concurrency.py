@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deltaserve import LLM, SamplingParams
+from deltaserve.weights.gguf_export import export_gguf
 from drive import drive
 
 
@@ -17,9 +18,13 @@ def make_llm(path, max_num_seqs=16):
     return LLM(path, dtype="float32", max_num_seqs=max_num_seqs, max_model_len=256, max_num_batched_tokens=24)
 
 
-@pytest.fixture(scope="module", params=["qwen3_next", "qwen3_5"])
-def model_dir(request, tiny_dirs):
-    return tiny_dirs[request.param]
+@pytest.fixture(scope="module", params=["qwen3_next", "qwen3_5", "qwen3_5-q8_0"])
+def model_dir(request, tiny_dirs, tmp_path_factory):
+    """The tiny checkpoints, and one as a Q8_0 GGUF file: weights kept in blocks, int8 activations."""
+    arch, _, quant = request.param.partition("-")
+    if not quant:
+        return tiny_dirs[arch]
+    return export_gguf(tiny_dirs[arch], tmp_path_factory.mktemp("q8") / "m.gguf", quant)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltaserve import LLM, LLMEngine, SamplingParams
+from deltaserve.weights.gguf_export import export_gguf
 from drive import drive
 from tiny_models import add_mtp_weights, save_hf_model
 
@@ -31,6 +32,19 @@ def requests(np_, vocab, seed):
         abort = 3 if i % 5 == 4 else None
         out.append((f"r{i}", prompt, params, int(torch.randint(0, 6, (), generator=g)), abort))
     return out
+
+
+@pytest.fixture(scope="module")
+def mtp_q8_0(tmp_path_factory):
+    """A qwen3_5 checkpoint with MTP as a Q8_0 GGUF file (weights in blocks, int8 activations; qwen3next
+    conversions drop MTP, as llama.cpp's converter does)."""
+    d = tmp_path_factory.mktemp("mtp_q8")
+    return export_gguf(add_mtp_weights(save_hf_model("qwen3_5", d / "hf", seed=5, vocab_size=12)), d / "m.gguf", "q8_0")
+
+
+@pytest.mark.parametrize("np_,k", [(1, 2), (4, 3), (8, 2)])
+def test_greedy_with_mtp_equals_without_on_a_quantized_file(mtp_q8_0, np_, k):
+    test_greedy_with_mtp_equals_without(mtp_q8_0, np_, k)
 
 
 @pytest.mark.parametrize("np_,k", [(1, 1), (1, 3), (2, 2), (4, 1), (4, 3), (8, 2), (8, 3)])

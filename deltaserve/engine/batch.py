@@ -74,9 +74,10 @@ class ForwardBatch:
     logits_index: torch.Tensor  # [R] token rows whose logits are wanted
     logits_split: list[int]  # how many of those rows belong to each segment, in segment order
     order: list[int]  # order[j] = index in the caller's list of the j-th segment here
-    # (decode rows, the other rows) as batches of their own, when decodes share the batch with longer segments
-    decode_split: tuple[ForwardBatch, ForwardBatch] | None = None
+    segments: list[Segment] = field(default_factory=list)  # in batch order
+    num_slots: tuple[int, int] = (0, 0)  # build_batch's (num_slots, num_state_slots)
     _conv_index: dict = field(default_factory=dict)
+    _parts: list[ForwardBatch] | None = None
 
     @property
     def num_segments(self) -> int:
@@ -86,6 +87,19 @@ class ForwardBatch:
     def one_token_each(self) -> bool:
         """Every segment is a single token (decodes, one-token prompts) and none keeps per-token states."""
         return sum(self.lens) == len(self.lens) and not self.snapshots
+
+    def parts(self) -> list[ForwardBatch] | None:
+        """The batch as consecutive parts whose sequence-mixing kernels (delta rule, attention) do not depend on
+        one another: all decode rows together (their kernels work row by row), then every longer segment alone,
+        computed as if it were the step's only one. None where the batch is one such part already.
+        Used on the CPU, where int8 activation rounding would magnify the float rounding of a padded group."""
+        n_dec = len(self.groups[0].lens) if self.groups[0].kind == "decode" else 0
+        if len(self.segments) <= 1 or n_dec == len(self.segments):
+            return None
+        if self._parts is None:
+            parts = ([self.segments[:n_dec]] if n_dec else []) + [[seg] for seg in self.segments[n_dec:]]
+            self._parts = [build_batch(p, self.num_slots[0], self.input_ids.device, self.num_slots[1]) for p in parts]
+        return self._parts
 
     @property
     def single_slot(self) -> int | None:
@@ -230,11 +244,6 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
             snapshot_slots=tensor([list(s.snapshot_slots) + [-1] * (width - 1 - len(s.snapshot_slots))
                                    for s in segs[lo:hi]]) if k == "verify" else None,
         ))
-    n_dec = kinds.count("decode")
-    split = None
-    if 0 < n_dec < len(segs):  # the decode rows' kernels must not depend on what else shares the step
-        split = (build_batch(segs[:n_dec], num_slots, device, num_state_slots),
-                 build_batch(segs[n_dec:], num_slots, device, num_state_slots))
     return ForwardBatch(
         input_ids=tensor(ids),
         positions=tensor(pos),
@@ -251,7 +260,8 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         logits_index=tensor(logit_rows),
         logits_split=[s.num_logits for s in segs],
         order=order,
-        decode_split=split,
+        segments=segs,
+        num_slots=(num_slots, num_state_slots),
     )
 
 

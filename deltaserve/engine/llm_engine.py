@@ -81,7 +81,9 @@ class LLMEngine:
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.cache.size.describe())
         self.runner = ModelRunner(model, self.cache, self.device)
         self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
-        self.scheduler = Scheduler(SlotTable(max_num_seqs), max_num_batched_tokens or max(2048, max_num_seqs))
+        budget = max_num_batched_tokens or max(2048, max_num_seqs)
+        # prompts split where they would be alone: chunks that fit beside every running sequence's decode
+        self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else overlap_decode

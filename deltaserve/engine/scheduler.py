@@ -3,6 +3,11 @@
 Every step: decodes first (one token each, round robin when the budget is short), then prefill chunks of
 running sequences, then new sequences while a slot is free, all within a token budget. A sequence
 keeps its slot from admission to finish, so nothing is ever preempted or recomputed.
+
+A prompt is split at multiples of `prefill_chunk` from its start, whatever else runs: a chunk that does not fit
+the step's remaining budget waits for the next step instead of being cut shorter. So a sequence computes the
+same chunks alone or in company (bit for bit on the CPU, where chunk boundaries move float rounding, and int8
+activations would magnify it).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, slots: SlotTable, max_num_batched_tokens: int):
+    def __init__(self, slots: SlotTable, max_num_batched_tokens: int, prefill_chunk: int | None = None):
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         self.slots = slots
         self.budget = max_num_batched_tokens
+        self.chunk = max(1, min(prefill_chunk or max_num_batched_tokens, max_num_batched_tokens))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -41,18 +47,20 @@ class Scheduler:
         served = {id(s) for s in decodes}  # served ones go to the back: round robin
         self.running = [s for s in self.running if id(s) not in served] + decodes
         for seq in self.running:
-            if budget and seq.in_prefill:
-                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+            if seq.in_prefill and (n := self._chunk(seq)) <= budget:
                 plan.append((seq, n))
                 budget -= n
-        while budget and self.waiting and self.slots.available:
+        while self.waiting and self.slots.available and (n := self._chunk(self.waiting[0])) <= budget:
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.slots.allocate(), Status.RUNNING
             self.running.append(seq)
-            n = min(len(seq.prompt_ids), budget)
             plan.append((seq, n))
             budget -= n
         return plan
+
+    def _chunk(self, seq: Sequence) -> int:
+        """The sequence's next prefill chunk: up to the next multiple of prefill_chunk, or the prompt's end."""
+        return min(len(seq.prompt_ids) - seq.num_computed, self.chunk)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (finished or aborted) and frees its slot for the next one."""

@@ -16,8 +16,8 @@ from .quantized import QuantizedWeight, quantized_linear
 from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
-           "gated_delta_net", "gated_delta_net_decode", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
-           "linear", "norm_rotary", "rms_norm", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
+           "gated_attention_verify", "gated_delta_net", "gated_delta_net_decode", "gated_delta_net_verify", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
+           "linear", "norm_rotary", "rms_norm", "sequence_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
            "swiglu_gemv"]
 
 
@@ -75,6 +75,25 @@ def gated_delta_net_decode(mixed: torch.Tensor, z: torch.Tensor, a: torch.Tensor
     return cpu_native.gdn_decode(mixed, z, a, b, layer, conv_pool, ssm_pool, batch)
 
 
+def gated_delta_net_verify(mixed: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, layer,
+                           conv_pool: torch.Tensor, ssm_pool: torch.Tensor, batch) -> torch.Tensor | None:
+    """A speculative verify segment alone in its batch (as batch.parts() runs each) on float32 CPU: its tokens one
+    by one through the decode kernel, the state after each copied to its snapshot slot, so that verified tokens
+    compute bit for bit what decoding them one at a time computes -> [L, H*Dv]. None elsewhere."""
+    if mixed.is_cuda or len(batch.segments) != 1 or not batch.snapshots or not cpu_native.applies(mixed, conv_pool):
+        return None
+    return cpu_native.gdn_verify(mixed, z, a, b, layer, conv_pool, ssm_pool, batch.segments[0])
+
+
+def gated_attention_verify(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer,
+                           kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor | None:
+    """The attention counterpart of gated_delta_net_verify: a verify segment's tokens one by one through the
+    decode kernel -> [L, H*D]. None elsewhere."""
+    if qg.is_cuda or len(batch.segments) != 1 or not batch.snapshots or not cpu_native.applies(qg, kv[0]):
+        return None
+    return cpu_native.attention_verify(qg, k, v, layer, kv, batch.segments[0])
+
+
 def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer,
                            kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor | None:
     """Float32 CPU steps of one token per sequence: q/k norm, rotary, KV write, attention and the sigmoid
@@ -82,6 +101,13 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     if qg.is_cuda or not batch.one_token_each or not cpu_native.applies(qg, kv[0], kv[1]):
         return None
     return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
+
+
+def sequence_parts(x: torch.Tensor, batch) -> list | None:
+    """Where a token mixer should run each part of the batch on its own (batch.parts()): CPU inference, whose
+    int8 activation rounding would magnify the float rounding a padded group of sequences adds. None elsewhere
+    (CUDA; autograd, whose in-place cache writes between parts would break the graph)."""
+    return None if x.is_cuda or torch.is_grad_enabled() else batch.parts()
 
 
 def decoder_layer_decode(x: torch.Tensor, residual: torch.Tensor | None, layer, layer_cache,

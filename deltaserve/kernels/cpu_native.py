@@ -95,9 +95,10 @@ def is_packed(weight) -> bool:
 _QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
 
 
-def pack(weight: torch.Tensor | QuantizedWeight):
+def pack(weight: torch.Tensor | QuantizedWeight, isa: str | None = None):
     """A float weight [N, K] / [E, N, K] (float32, float16 or bfloat16) or a QuantizedWeight -> the packed layout the
-    kernels read (csrc/packed.h): same values, the file's format kept, about the same bytes."""
+    kernels read (csrc/packed.h): same values, the file's format kept, about the same bytes. isa: for the module
+    built for that ISA (default: this CPU's)."""
     if isinstance(weight, QuantizedWeight):
         shape, col_perm = weight.shape, weight.col_perm
         parts = [(s.qtype, s.data) for s in weight.segments]
@@ -108,9 +109,9 @@ def pack(weight: torch.Tensor | QuantizedWeight):
     segments, row = [], 0
     for qtype, data in parts:
         raw = data if len(shape) == 3 else data[None]  # [E, rows, row bytes]
-        segments.append(ops().pack_segment(int(qtype), row, raw.contiguous()))
+        segments.append(ops(isa).pack_segment(int(qtype), row, raw.contiguous()))
         row += raw.shape[1]
-    return ops().PackedWeight(shape[-2], shape[-1], segments, col_perm)
+    return ops(isa).PackedWeight(shape[-2], shape[-1], segments, col_perm)
 
 
 def linear(x: torch.Tensor, weight) -> torch.Tensor:
@@ -161,6 +162,30 @@ def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], bat
     return ops().attention_decode(qg.contiguous(), k.contiguous(), v.contiguous(), layer.q_norm.weight,
                                   layer.k_norm.weight, layer.q_norm.eps, layer.rotary.rotary_dim, layer.rotary.theta,
                                   kv[0], kv[1], batch.token_slots, batch.positions, layer.d ** -0.5)
+
+
+def gdn_verify(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.Tensor, segment) -> torch.Tensor:
+    """A verify segment's L tokens (rows of mixed [L, C], z, a, b) one by one through gdn_decode at its slot; the
+    conv window and delta-rule state after token j copied to segment.snapshot_slots[j]. Returns [L, H*Dv]."""
+    slots, outs = torch.tensor([segment.slot]), []
+    for j in range(len(segment.token_ids)):
+        reset = torch.tensor([segment.start_pos == 0 and j == 0])
+        outs.append(ops().gdn_decode(*(t[j:j + 1].contiguous() for t in (mixed, z, a, b)), layer.conv_weight,
+                                     layer.A_log, layer.dt_bias, layer.norm.weight, layer.norm.eps, conv_pool,
+                                     ssm_pool, slots, reset, layer.hk, layer.dk))
+        if j < len(segment.snapshot_slots):
+            for pool in (conv_pool, ssm_pool):
+                pool[segment.snapshot_slots[j]] = pool[segment.slot]
+    return torch.cat(outs)
+
+
+def attention_verify(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], segment) -> torch.Tensor:
+    """A verify segment's L tokens one by one through attention_decode at positions start .. start + L - 1."""
+    slots = torch.tensor([segment.slot])
+    return torch.cat([ops().attention_decode(
+        *(t[j:j + 1].contiguous() for t in (qg, k, v)), layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps,
+        layer.rotary.rotary_dim, layer.rotary.theta, kv[0], kv[1], slots, torch.tensor([segment.start_pos + j]),
+        layer.d ** -0.5) for j in range(len(segment.token_ids))])
 
 
 def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: tuple[torch.Tensor, torch.Tensor],

@@ -29,11 +29,11 @@ class GatedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         proj = self.qkv_proj(x)
-        split = None if x.is_cuda else batch.decode_split
-        if split is None:
+        parts = kernels.sequence_parts(x, batch)
+        if parts is None:
             return self.attend(proj, batch, kv, project=True)
-        n = split[0].num_segments  # CPU: decode rows take the decode kernels whatever else shares the step
-        return self.o_proj(torch.cat([self.attend(proj[:n], split[0], kv), self.attend(proj[n:], split[1], kv)]))
+        rows = proj.split([sum(part.lens) for part in parts])  # each sequence's kernels see no other one
+        return self.o_proj(torch.cat([self.attend(r, part, kv) for r, part in zip(rows, parts)]))
 
     def attend(self, proj: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
                project: bool = False) -> torch.Tensor:
@@ -42,7 +42,9 @@ class GatedAttention(nn.Module):
         t = proj.shape[0]
         qg, k, v = proj.split([self.h * self.d * 2, self.g * self.d, self.g * self.d], dim=-1)
         fused = kernels.gated_attention_decode(qg, k, v, self, kv, batch)
-        if fused is not None:  # CPU decode: norms, rotary, KV write, attention and gate in one call
+        if fused is None:
+            fused = kernels.gated_attention_verify(qg, k, v, self, kv, batch)
+        if fused is not None:  # CPU decode or verify: norms, rotary, KV write, attention, gate in one call per token
             return self.o_proj(fused) if project else fused
         q, gate = qg.view(t, self.h, 2 * self.d).chunk(2, dim=-1)  # [T, H, D] each
         q = kernels.norm_rotary(q, self.q_norm, self.rotary, batch.positions)

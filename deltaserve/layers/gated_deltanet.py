@@ -33,11 +33,11 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; state = (conv pool [S, K-1, C], delta-rule pool [S, H, Dk, Dv] fp32)."""
         proj = self.in_proj(x)
-        split = None if x.is_cuda else batch.decode_split
-        if split is None:
+        parts = kernels.sequence_parts(x, batch)
+        if parts is None:
             return self.mix(proj, batch, state, project=True)
-        n = split[0].num_segments  # CPU: decode rows take the decode kernels whatever else shares the step
-        return self.out_proj(torch.cat([self.mix(proj[:n], split[0], state), self.mix(proj[n:], split[1], state)]))
+        rows = proj.split([sum(part.lens) for part in parts])  # each sequence's kernels see no other one
+        return self.out_proj(torch.cat([self.mix(r, part, state) for r, part in zip(rows, parts)]))
 
     def mix(self, proj: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor],
             project: bool = False) -> torch.Tensor:
@@ -47,7 +47,9 @@ class GatedDeltaNet(nn.Module):
         conv_dim = self.conv_weight.shape[0]
         mixed, z, b, a = proj.split([conv_dim, self.value_dim, self.h, self.h], dim=-1)
         fused = kernels.gated_delta_net_decode(mixed, z, a, b, self, state[0], state[1], batch)
-        if fused is not None:  # CPU decode: conv .. gated norm in one call
+        if fused is None:
+            fused = kernels.gated_delta_net_verify(mixed, z, a, b, self, state[0], state[1], batch)
+        if fused is not None:  # CPU decode or verify: conv .. gated norm in one call per token
             return self.out_proj(fused) if project else fused
         out = kernels.gated_delta_net(mixed, a, b, self.conv_weight, self.A_log, self.dt_bias, state[0], state[1],
                                       batch, self.hk, self.dk)  # [T, H, Dv]: conv, gating, delta rule by slot

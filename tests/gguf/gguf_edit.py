@@ -8,8 +8,10 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 
 def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys: dict | None = None,
-                 drop_tensors: tuple[str, ...] = (), add_tensors: dict | None = None) -> Path:
-    """Copies a GGUF file with metadata keys or tensors removed, changed or added (to make broken files)."""
+                 drop_tensors: tuple[str, ...] = (), add_tensors: dict | None = None,
+                 retype: dict | None = None) -> Path:
+    """Copies a GGUF file with metadata keys or tensors removed, changed or added (to make broken files), or
+    stored in other formats (retype: {name: (bytes [rows, row bytes] as uint8, GGML type)})."""
     reader = GGUFReader(src)
     arch = reader.get_field("general.architecture").contents()
     writer = GGUFWriter(dst, (set_keys or {}).get("general.architecture", arch))
@@ -24,7 +26,10 @@ def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys
         if name != "general.architecture":
             writer.add_key_value(name, value, GGUFValueType.get_type(value))
     for t in reader.tensors:
-        if t.name not in drop_tensors:
+        if t.name in (retype or {}):
+            data, qtype = retype[t.name]
+            writer.add_tensor(t.name, data, raw_dtype=qtype)
+        elif t.name not in drop_tensors:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # data: byte shape when quantized
     for name, array in (add_tensors or {}).items():
         writer.add_tensor(name, array)

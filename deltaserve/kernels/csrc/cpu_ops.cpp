@@ -51,12 +51,12 @@ static PackedWeight make_weight(int64_t n, int64_t k, std::vector<Segment> segme
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<Segment>(m, "Segment")
+  py::class_<Segment>(m, "Segment", py::module_local())  // local: builds for two ISAs may share a process
       .def_readonly("fmt", &Segment::fmt)
       .def_readonly("row0", &Segment::row0)
       .def_readonly("rows", &Segment::rows)
       .def_readonly("data", &Segment::data);
-  py::class_<PackedWeight>(m, "PackedWeight")
+  py::class_<PackedWeight>(m, "PackedWeight", py::module_local())
       .def(py::init(&make_weight))
       .def_readonly("n", &PackedWeight::n)
       .def_readonly("k", &PackedWeight::k)

@@ -1,0 +1,260 @@
+"""Weights kept in their GGUF block formats on the CPU (issue 15): the packed layout and the native kernels against
+gguf-py's dequantizers and the torch reference (kernels/quantized.py); a row's result alone and in any batch; the
+ISA paths; a model stored in a Q4_K_M-like mix of formats, end to end.
+
+Bound for the int8 activations: the kernels compute W x^ exactly (up to float rounding), x^ being x quantized per
+32 (|x - x^| <= d / 2, d = max|x| / 127), so |W x^ - W x| <= |W| |x - x^|, elementwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from deltaserve import LLM, LLMEngine, SamplingParams
+from deltaserve.config import ModelConfig
+from deltaserve.kernels import cpu_native
+from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment, quantize_activations, quantized_linear
+from deltaserve.layers.cpu_packed import pack_weights, weight_bytes
+from deltaserve.layers.feed_forward import SparseMoE
+from deltaserve.layers.linear import set_weight
+from deltaserve.weights.gguf_export import export_gguf
+from deltaserve.weights.gguf_file import GGUFFile
+from deltaserve.weights.kquants import quantize_k
+from deltaserve.weights.loader import load_model, matrix_params
+from gguf_edit import rewrite_gguf
+from tiny_models import save_hf_model, tiny_config
+
+pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
+
+FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q3_K: [108]}
+
+
+def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:
+    """Blocks with every quant and sub-scale bit random and finite fp16 scales of either sign (|d| within a factor
+    of 10 of `scale`): uint8 [..., rows, row bytes] (every bit pattern a quantizer could write, and more)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    for at in SCALE_AT[qtype]:
+        d = (rng.uniform(scale / 5, scale * 2, raw.shape[:-1]) * rng.choice([-1, 1], raw.shape[:-1])).astype(np.float16)
+        raw[..., at:at + 2] = d[..., None].view(np.uint8)
+    return raw.reshape(*shape[:-1], -1)
+
+
+def weight(qtype, shape, seed=0) -> QuantizedWeight:
+    return QuantizedWeight(shape, [QuantSegment(qtype, torch.from_numpy(random_blocks(qtype, shape, seed)))])
+
+
+def assert_exact_product(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight) -> None:
+    """y = x w^T as defined (integer segments on x quantized per 32 in the stored column order), to float32
+    rounding: within 1e-5 of sum |x^| |w| of each output, the exact product taken in float64."""
+    xs = x.double() if w.col_perm is None else x.double()[:, torch.argsort(w.col_perm)]
+    exact, scale = [], []
+    for seg in w.segments:
+        deq = QuantizedWeight((seg.rows, w.shape[-1]), [seg]).dequantize().double()
+        xa = quantize_activations(xs).double() if seg.qtype not in (Q.F32, Q.F16, Q.BF16) else xs
+        exact.append(xa @ deq.T)
+        scale.append(xa.abs() @ deq.abs().T)
+    assert ((y.double() - torch.cat(exact, -1)).abs() <= 1e-5 * torch.cat(scale, -1) + 1e-12).all()
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", [(16, 256), (37, 512), (3, 1024)], ids=str)
+def test_packed_blocks_hold_the_files_values(qtype, shape):
+    w = weight(qtype, shape)
+    packed = cpu_native.pack(w)
+    ref = dequantize(w.segments[0].data.numpy(), qtype)  # gguf-py's dequantizer: the oracle
+    assert torch.equal(packed.rows(0, torch.arange(shape[0])), torch.from_numpy(ref))
+    assert packed.nbytes <= 1.03 * -(-shape[0] // 16) * 16 * w.nbytes / shape[0]  # the file's size, rows padded to 16
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 70])
+def test_linear_is_the_exact_product_with_quantized_activations(qtype, rows, threads):
+    w = weight(qtype, (37, 512), seed=rows)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)) * 3
+    out = cpu_native.linear(x, cpu_native.pack(w))
+    for y in (out, quantized_linear(x, w)):  # the kernel, and the torch reference of the same definition
+        assert_exact_product(y, x, w)
+    deq, xq = w.dequantize().double(), quantize_activations(x).double()
+    # the bound of the activation quantization, against the product with float activations
+    assert ((out.double() - x.double() @ deq.T).abs() <= (x.double() - xq).abs() @ deq.abs().T * (1 + 1e-4) + 1e-6).all()
+
+
+def test_activation_quantization_error_is_half_a_step():
+    x = torch.randn(5, 256) * torch.logspace(-3, 3, 256)
+    d = x.view(5, 8, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((quantize_activations(x) - x).view(5, 8, 32).abs() <= d / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_row_results_do_not_depend_on_the_batch(qtype, threads):
+    """A row alone and as row 0 .. n-1 of batches of 2, 3, 8, 17, 70 rows: bit-identical."""
+    packed = cpu_native.pack(weight(qtype, (100, 256), seed=3))
+    x = torch.randn(70, 256, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([cpu_native.linear(x[i:i + 1], packed) for i in range(70)])
+    for n in (2, 3, 8, 17, 70):
+        assert torch.equal(cpu_native.linear(x[:n], packed), alone[:n])
+        assert torch.equal(cpu_native.linear(x[70 - n:], packed), alone[70 - n:])
+
+
+def test_mixed_formats_experts_and_column_order():
+    """One weight from segments of several formats (a fused projection), a stack of 3 experts, and a column
+    permutation (qwen35 GGUF files store out_proj's V heads tiled): values and products as the reference."""
+    e, k = 3, 256
+    parts = [(Q.Q6_K, 32), (Q.Q8_0, 5), (Q.Q4_K, 20)]
+    segs = [QuantSegment(q, torch.from_numpy(random_blocks(q, (e, n, k), seed=i))) for i, (q, n) in enumerate(parts)]
+    segs.insert(1, QuantSegment(Q.F32, torch.randn(e, 9, k).mul(0.05).view(torch.uint8)))
+    w = QuantizedWeight((e, 66, k), segs, col_perm=torch.randperm(k, generator=torch.Generator().manual_seed(1)))
+    packed = cpu_native.pack(w)
+    for x in range(e):
+        assert torch.equal(packed.rows(x, torch.arange(66)), w.dequantize()[x])
+    x = torch.randn(4, k)
+    assert_exact_product(cpu_native.linear(x, cpu_native.pack(w.expert(0))), x, w.expert(0))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_moe_block_on_quantized_experts(tokens, threads):
+    cfg = ModelConfig.from_dict(tiny_config("qwen3_5_moe", model_type="qwen3_5_moe", hidden_size=256,
+                                            moe_intermediate_size=256, shared_expert_intermediate_size=256))
+    torch.manual_seed(tokens)
+    moe = SparseMoE(cfg).eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    set_weight(moe, "experts_gate_up", weight(Q.Q4_K, tuple(moe.experts_gate_up.shape), seed=1))
+    set_weight(moe, "experts_down", weight(Q.Q6_K, tuple(moe.experts_down.shape), seed=2))
+    plain = copy.deepcopy(moe)  # the torch path on the QuantizedWeights: the reference
+    pack_weights(moe)
+    x = torch.randn(tokens, 256)
+    with torch.no_grad():
+        out, ref = moe(x), plain(x)
+        singles = torch.cat([moe(x[t:t + 1]) for t in range(tokens)])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert torch.equal(singles, out)
+
+
+def test_isa_paths_give_the_same_bits():
+    """The AVX2 build (and plain C where AVX2 is what this CPU has) computes every format bit for bit as the
+    build for this CPU: integer dot products are exact, and each lane's float operations are the same."""
+    lower = "generic" if cpu_native.cpu_isa() == "avx2" else "avx2"
+    if cpu_native.cpu_isa() == "generic" or cpu_native.ops(lower) is None:
+        pytest.skip("no second ISA to compare")
+    x = torch.randn(9, 512)
+    for q in [*FORMATS, Q.F32, Q.BF16]:
+        w = weight(q, (37, 512)) if q in FORMATS else torch.randn(37, 512).to(torch.bfloat16 if q == Q.BF16 else
+                                                                            torch.float32)
+        here = cpu_native.linear(x, cpu_native.pack(w))
+        assert torch.equal(cpu_native.ops(lower).linear(x, cpu_native.pack(w, lower)), here), q.name
+
+
+# ---- a model stored in a Q4_K_M-like mix (hidden 256: every matrix splits into 256-blocks) ----
+# Every expert routed (top-k = E): with top-k < E one activation rounding flip can flip an expert choice in a
+# random tiny model and move logits by O(1), which no rounding bound describes (as in test_gguf_quant.py).
+
+DIMS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+            num_experts=4, num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=256)
+MIX = {"attn_qkv": Q.Q6_K, "attn_gate": Q.Q4_K, "ssm_alpha": Q.Q8_0, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q5_K,
+       "attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q6_K, "attn_output": Q.Q5_K, "ffn_gate_exps": Q.Q4_K,
+       "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K, "ffn_gate_shexp": Q.Q8_0, "ffn_up_shexp": Q.Q8_0,
+       "ffn_down_shexp": Q.Q6_K, "token_embd": Q.Q4_K, "output": Q.Q6_K}
+
+
+def stored(name: str, data: np.ndarray) -> tuple[np.ndarray, Q]:
+    """A float tensor of the export in the mix's format: quantizers where one exists, else random blocks (the
+    file's values are then whatever those blocks hold); blk.1's routed down-projection as Q3_K, a type loaded
+    dequantized."""
+    key = name.split(".")[-2]
+    qtype = Q.Q3_K if name == "blk.1.ffn_down_exps.weight" else MIX[key]
+    if qtype in (Q.Q8_0, Q.Q4_0):
+        return quantize(data, qtype), qtype
+    if qtype in (Q.Q4_K, Q.Q6_K):
+        return quantize_k(data, qtype), qtype
+    return random_blocks(qtype, data.shape, seed=len(name), scale=2e-5), qtype  # weights of ~0.05 like the rest
+
+
+@pytest.fixture(scope="module")
+def mix_gguf(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mix")
+    f32 = export_gguf(save_hf_model("qwen3_5_moe", d / "hf", seed=4, **DIMS), d / "f32.gguf", "f32")
+    f = GGUFFile(f32)
+    retype = {n: stored(n, f.read(n).numpy()) for n in f.tensors if n.split(".")[-2] in MIX}
+    return rewrite_gguf(f32, d / "mix.gguf", retype=retype)
+
+
+def test_mix_loads_as_stored(mix_gguf, caplog):
+    with caplog.at_level(logging.WARNING):
+        model, _ = load_model(mix_gguf)
+    assert "Q3_K tensors are dequantized to float32 at load" in caplog.text
+    gdn = model.layers[0].mixer
+    assert gdn.in_proj.weight.qtypes == ["Q6_K", "Q4_K", "Q8_0"]  # [q k v | z | b a] rows as stored
+    assert gdn.out_proj.weight.col_perm is not None  # qwen35: V heads tiled in the file
+    assert model.layers[3].mixer.qkv_proj.weight.qtypes == ["Q4_K", "Q4_0", "Q6_K"]
+    assert isinstance(model.layers[1].ffn.experts_down, torch.Tensor)  # Q3_K: dequantized
+    file_bytes = sum(GGUFFile(mix_gguf).data_bytes(n) for n in GGUFFile(mix_gguf).tensors)
+    assert weight_bytes(model) <= 1.1 * file_bytes + model.layers[1].ffn.experts_down.numel() * 4
+
+
+def mix_llm(path, max_num_seqs=8):
+    return LLM(path, dtype="float32", max_num_seqs=max_num_seqs, max_model_len=128, max_num_batched_tokens=24)
+
+
+PROMPTS = [list(range(3, 43)), [7, 9, 11], list(range(100, 160, 3))]
+
+
+def score(engine: LLMEngine) -> list[torch.Tensor]:
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
+    return [done[str(i)] for i in range(len(PROMPTS))]
+
+
+def test_mix_logits_within_the_activation_rounding_bound(mix_gguf):
+    """Against the float32 model of the same dequantized weights (float activations). Each quantized product
+    rounds its input per 32 to steps d = max / 127: a relative RMS error of max/rms / (127 sqrt 12), at most
+    1.0% for blocks whose max is within 4x their RMS. n such errors along the network add in quadrature; with
+    the gain of 2 of test_gguf_quant.py: rel_rms(logits) <= 2 sqrt(n) * 0.010, n = 4 products a layer + head."""
+    quantized = mix_llm(mix_gguf).score(PROMPTS)
+    model, cfg = load_model(mix_gguf)
+    for name in matrix_params(model):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(getattr(module, attr), QuantizedWeight):
+            set_weight(module, attr, getattr(module, attr).dequantize())
+    reference = score(LLMEngine(model, cfg, None, max_num_seqs=8, max_model_len=128, max_num_batched_tokens=24))
+    n = 4 * cfg.num_layers + 1
+    for q, f in zip(quantized, reference):
+        rel_rms = float((q - f).pow(2).mean().sqrt() / f.pow(2).mean().sqrt())
+        assert 0 < rel_rms <= 2 * n ** 0.5 * 0.010, rel_rms
+
+
+@pytest.mark.parametrize("np_", [2, 3, 8])
+def test_mix_sequences_match_their_solo_runs(mix_gguf, np_):
+    llm = mix_llm(mix_gguf, max_num_seqs=np_)
+    g = torch.Generator().manual_seed(np_)
+    prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (2 * np_,), generator=g)]
+    params = SamplingParams(max_tokens=10, temperature=0, logprobs=1)
+    together = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, together):
+        alone = llm.generate([prompt], params)[0]
+        assert alone.token_ids == out.token_ids
+        assert alone.logprobs == out.logprobs  # bit for bit: the same kernels on the same chunks

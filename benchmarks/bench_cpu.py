@@ -1,13 +1,14 @@
-"""deltaserve against HF transformers on CPU, same weights, same run (issue 9).
+"""deltaserve against llama.cpp on the same GGUF files, same threads, same run (issue 15).
 
-Random Qwen3-Next checkpoint of 338M parameters (benchmarks/common.py), float32, prompt 128,
-32 new tokens: prefill t/s, decode t/s with 1 and with 8 sequences, ratios to HF, and the
-decode step's bandwidth roofline (bytes one step must read / copy bandwidth measured here).
+The random 338M Qwen3-Next checkpoint of benchmarks/common.py, converted by llama.cpp's own converter
+(../shared/tools/convert-to-gguf.py) to F32 and quantized by its llama-quantize to Q8_0 and Q4_K_M. Per file and
+thread count, rounds alternate: deltaserve in a child process, then `llama-batched-bench -npp 128 -ntg 32
+-npl 1,8`. The same three numbers from both: prefill of a 128-token prompt (t/s), decode of 32 tokens after it
+with 1 sequence and with 8 (aggregate t/s). Then the peak RSS of one generation of 32 tokens after a 128-token
+prompt (`deltaserve generate` against llama-batched-bench -npl 1, both with a 4096-token context).
 
-Run: python benchmarks/bench_cpu.py [--tokens 32] [--rounds 3] [--threads 2] [--base REV]
---base REV also runs deltaserve as of git revision REV (exported to /tmp) in every round: the
-before/after ratio of a change under the same machine noise. Both deltaserve versions then run in
-child processes, so that neither inherits the other's process state.
+Needs llama.cpp built by ../shared/tools/build-llama-cpp.sh (default ~/.cache/deltaserve-peer/llama.cpp).
+Run: python benchmarks/bench_cpu.py [--rounds 3] [--threads 1,2] [--files f32,q8_0,q4_k_m] [--llama-cpp DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,10 +27,10 @@ from pathlib import Path
 import torch
 
 from common import BENCH_CONFIG, bench_checkpoint, commit, machine, timed
-from deltaserve import LLMEngine, SamplingParams
-from deltaserve.engine.batch import Segment
 
-PROMPT = 128
+REPO = Path(__file__).resolve().parent.parent
+PROMPT, TOKENS, CTX = 128, 32, 4096
+QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -35,133 +38,122 @@ def prompts(n: int) -> list[list[int]]:
     return torch.randint(0, BENCH_CONFIG["vocab_size"], (n, PROMPT), generator=g).tolist()
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large copy."""
-    src, dst = torch.randn(64 << 20), torch.empty(64 << 20)
-    dst.copy_(src)
-    return 2 * src.numel() * 4 * 5 / timed(lambda: [dst.copy_(src) for _ in range(5)])
-
-
-def decode_bytes(cfg: dict, np_: int = 1) -> int:
-    """Bytes one decode step must read at np=1: weights it touches (top-k experts only) + recurrent state."""
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-    with torch.device("meta"):
-        model = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg))
-    total = expert = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name:
-            continue  # one row is read
-        total += p.numel()
-        if ".experts." in name:
-            expert += p.numel()
-    touched = total - expert + expert * cfg["num_experts_per_tok"] / cfg["num_experts"]
-    n_gdn = sum(1 for i in range(cfg["num_hidden_layers"]) if (i + 1) % 4)
-    state = n_gdn * cfg["linear_num_value_heads"] * cfg["linear_key_head_dim"] * cfg["linear_value_head_dim"]
-    return int(4 * (touched + 2 * state * np_))  # state is read and written
-
-
-def hf_numbers(path, tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def gguf_files(llama: Path, tools: Path, names: list[str]) -> dict[str, Path]:
+    """The checkpoint as F32 / Q8_0 / Q4_K_M GGUF files made by llama.cpp (built once, next to the checkpoint)."""
+    ckpt = bench_checkpoint()
     out = {}
-    with torch.no_grad():
-        ids = torch.tensor(prompts(1))
-        hf(ids)  # warm-up
-        out["prefill"] = PROMPT / timed(lambda: hf(ids))
-        for np_ in (1, 8):
-            ids = torch.tensor(prompts(np_))
-            res = hf(ids, use_cache=True)
-            nxt = res.logits[:, -1:].argmax(-1)
-
-            def loop():
-                nonlocal res, nxt
-                for _ in range(tokens):
-                    res = hf(nxt, cache=res.cache, use_cache=True)
-                    nxt = res.logits[:, -1:].argmax(-1)
-
-            out[f"decode{np_}"] = np_ * tokens / timed(loop)
+    f32 = ckpt.parent / "q338-f32.gguf"
+    if not f32.is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # the embedded model's: llama.cpp wants one
+            shutil.copy(REPO / "deltaserve/models/default" / name, ckpt / name)
+        subprocess.run([sys.executable, str(tools / "convert-to-gguf.py"), str(llama), str(ckpt), "--outtype", "f32",
+                        "--outfile", str(f32), "--no-mtp"], check=True, capture_output=True)
+    for name in names:
+        path = ckpt.parent / f"q338-{name}.gguf"
+        if name != "f32" and not path.is_file():
+            subprocess.run([str(llama / "build/bin/llama-quantize"), str(f32), str(path), QUANTIZE[name]], check=True,
+                           capture_output=True)
+        out[name] = path
     return out
 
 
-def ours(path, tokens: int) -> dict:
+def ours(path: Path) -> dict:
+    """Prefill t/s of one 128-token prompt; decode t/s after it with 1 and with 8 sequences (LLMEngine)."""
+    from deltaserve import LLMEngine, SamplingParams
+    from deltaserve.engine.batch import Segment
+
     engine = LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=8, max_model_len=512)
     run = engine.runner.run
-    out = {}
     run([Segment(prompts(1)[0], 0, 0)])  # warm-up
-    out["prefill"] = PROMPT / timed(lambda: run([Segment(prompts(1)[0], 0, 0)]))
+    out = {"pp": PROMPT / min(timed(lambda: run([Segment(prompts(1)[0], 0, 0)])) for _ in range(3))}
     for np_ in (1, 8):
-        params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=TOKENS + 1, temperature=0, ignore_eos=True)
         for i, p in enumerate(prompts(np_)):
             engine.add_request(f"{np_}-{i}", p, params)
         while engine.scheduler.waiting or any(not s.output_ids for s in engine.scheduler.running):
             engine.step()  # prefill and first token
-        out[f"decode{np_}"] = np_ * tokens / timed(lambda: [engine.step() for _ in range(tokens)])
+        out[f"tg{np_}"] = np_ * TOKENS / timed(lambda: [engine.step() for _ in range(TOKENS)])
         assert not engine.has_unfinished_requests()
     return out
 
 
-def child_numbers(rev: str | None, path: Path, tokens: int, threads: int) -> dict:
-    """`ours` in a child process, with deltaserve as of git revision rev (None: this tree)."""
-    tree = repo = Path(__file__).resolve().parent.parent
-    if rev:  # by commit hash (HEAD means another commit tomorrow); from the repo root (else git archives a subtree)
-        rev = subprocess.run(["git", "rev-parse", rev], cwd=repo, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        tree = Path(f"/tmp/deltaserve-base-{rev}")
-        if not tree.exists():
-            tree.mkdir()
-            archive = subprocess.run(["git", "archive", rev], cwd=repo, capture_output=True, check=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    cmd = [sys.executable, __file__, "--child", str(path), "--tokens", str(tokens), "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    result = json.loads(out.splitlines()[-1])
-    assert result.pop("module").startswith(str(tree)), "the child imported the wrong deltaserve"
-    return result
+def ours_child(path: Path, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+
+
+def batched_bench(llama: Path, path: Path, threads: int, npl: str = "1,8") -> list[list[str]]:
+    cmd = [str(llama / "build/bin/llama-batched-bench"), "-m", str(path), "-c", str(CTX), "-b", "2048", "-ub", "512",
+           "-npp", str(PROMPT), "-ntg", str(TOKENS), "-npl", npl, "-t", str(threads), "-tb", str(threads)]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if re.match(r"\|\s+\d+ \|", line)]
+
+
+def peer(llama: Path, path: Path, threads: int) -> dict:
+    """llama-batched-bench's PP t/s (B=1) and TG t/s for B=1 and B=8 (columns S_PP, S_TG)."""
+    rows = {int(r[2]): r for r in batched_bench(llama, path, threads)}
+    return {"pp": float(rows[1][5]), "tg1": float(rows[1][7]), "tg8": float(rows[8][7])}
+
+
+def peak_rss(cmd: list[str]) -> float:
+    """GB at the peak of `cmd`'s resident memory (GNU time's maximum resident set size)."""
+    err = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) / 1e6
+
+
+def rss_pair(llama: Path, path: Path, threads: int) -> tuple[float, float]:
+    ids = ",".join(map(str, prompts(1)[0]))
+    ours_cmd = [sys.executable, "-m", "deltaserve.cli.main", "generate", "-m", str(path), "--prompt-ids", ids,
+                "-n", str(TOKENS), "--temp", "0", "-c", str(CTX), "-t", str(threads)]
+    peer_cmd = [str(llama / "build/bin/llama-batched-bench"), "-m", str(path), "-c", str(CTX), "-npp", str(PROMPT),
+                "-ntg", str(TOKENS), "-npl", "1", "-t", str(threads)]
+    return peak_rss(ours_cmd), peak_rss(peer_cmd)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for both (0 = torch's default)")
-    ap.add_argument("--base", help="also run deltaserve as of this git revision")
-    ap.add_argument("--child", help=argparse.SUPPRESS)  # checkpoint path: run `ours` only, print JSON
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--files", default="f32,q8_0,q4_k_m")
+    ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/deltaserve-peer/llama.cpp")
+    ap.add_argument("--tools", type=Path, default=REPO.parent / "shared/tools", help="convert-to-gguf.py's folder")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # a GGUF file: run `ours` only, print JSON
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     if args.child:
-        import deltaserve
-        print(json.dumps({**ours(Path(args.child), args.tokens), "module": deltaserve.__file__}))
+        torch.set_num_threads(threads[0])
+        print(json.dumps(ours(Path(args.child))))
         return
-    path = bench_checkpoint()
-    rows = {"deltaserve": [], "HF transformers": []} | ({f"deltaserve {args.base}": []} if args.base else {})
-    bws = []
-    for i in range(args.rounds):  # alternate, so all see the same machine noise
-        if args.base:
-            for rev in (None, args.base)[::1 if i % 2 else -1]:  # and alternate which runs first
-                rows[f"deltaserve {rev}" if rev else "deltaserve"].append(
-                    child_numbers(rev, path, args.tokens, args.threads))
-        else:
-            rows["deltaserve"].append(ours(path, args.tokens))
-        rows["HF transformers"].append(hf_numbers(path, args.tokens))
-        bws.append(copy_bandwidth())
-    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
-    bw, step_bytes = statistics.median(bws), decode_bytes(BENCH_CONFIG)
-    roof = bw / step_bytes
-    print(f"# {machine()} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M, F32, "
-          f"prompt {PROMPT}, {args.tokens} new tokens, median of {args.rounds}")
-    print(f"# copy bandwidth {bw / 1e9:.1f} GB/s (median; per round {', '.join(f'{b / 1e9:.1f}' for b in bws)}); decode step reads {step_bytes / 1e6:.0f} MB -> roofline {roof:.1f} t/s")
-    print("\n| | prefill t/s | decode t/s, 1 sequence | decode t/s, 8 sequences |\n|---|---|---|---|")
-    for name, m in med.items():
-        print(f"| {name} | {m['prefill']:.1f} | {m['decode1']:.2f} | {m['decode8']:.2f} |")
-    o, h = med["deltaserve"], med["HF transformers"]
-    print(f"| deltaserve / HF | {o['prefill'] / h['prefill']:.2f}x | {o['decode1'] / h['decode1']:.2f}x | "
-          f"{o['decode8'] / h['decode8']:.2f}x |")
-    print(f"| deltaserve / roofline (np=1) | | {o['decode1'] / roof:.2f} | |")
-    if args.base:
-        b = med[f"deltaserve {args.base}"]
-        print(f"| deltaserve / deltaserve {args.base} | {o['prefill'] / b['prefill']:.2f}x | "
-              f"{o['decode1'] / b['decode1']:.2f}x | {o['decode8'] / b['decode8']:.2f}x |")
+    if not (args.llama_cpp / "build/bin/llama-batched-bench").is_file():
+        raise SystemExit(f"no llama.cpp build at {args.llama_cpp}: run ../shared/tools/build-llama-cpp.sh first")
+    files = gguf_files(args.llama_cpp, args.tools, args.files.split(","))
+    results = {(f, t, who): [] for f in files for t in threads for who in ("deltaserve", "llama.cpp")}
+    for i in range(args.rounds):  # alternate, so both see the same machine noise; alternate who goes first
+        for f, path in files.items():
+            for t in threads:
+                for who in (("deltaserve", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "deltaserve")):
+                    run = ours_child(path, t) if who == "deltaserve" else peer(args.llama_cpp, path, t)
+                    results[f, t, who].append(run)
+    rss = {f: rss_pair(args.llama_cpp, path, max(threads)) for f, path in files.items()}
+    print(f"# {machine()} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M ({BENCH_CONFIG['num_hidden_layers']} "
+          f"layers), files by llama.cpp's converter + llama-quantize | prompt {PROMPT}, {TOKENS} new tokens, "
+          f"median of {args.rounds} alternated rounds")
+    print("\n| file | threads | pp128 t/s ds / llama.cpp | TG np=1 t/s ds / llama.cpp | TG np=8 t/s ds / llama.cpp |")
+    print("|---|---|---|---|---|")
+    for f in files:
+        for t in threads:
+            med = {who: {m: statistics.median(r[m] for r in results[f, t, who]) for m in ("pp", "tg1", "tg8")}
+                   for who in ("deltaserve", "llama.cpp")}
+            cells = [f"{med['deltaserve'][m]:.1f} / {med['llama.cpp'][m]:.1f} = "
+                     f"**{med['deltaserve'][m] / med['llama.cpp'][m]:.2f}x**" for m in ("pp", "tg1", "tg8")]
+            print(f"| {f.upper()} | {t} | " + " | ".join(cells) + " |")
+    print(f"\n| file | file size | peak RSS deltaserve generate | peak RSS llama.cpp | ratio |\n|---|---|---|---|---|")
+    for f, path in files.items():
+        ours_gb, peer_gb = rss[f]
+        print(f"| {f.upper()} | {path.stat().st_size / 2**20:.0f} MiB | {ours_gb:.2f} GB | {peer_gb:.2f} GB | "
+              f"{ours_gb / peer_gb:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -77,29 +77,52 @@ struct Acts {
 
 // ---- driver ----
 
+// Rows [t0, t0 + rt) against ng groups of seg starting at its local group `local` -> ys.
+template <int RT, int NG>
+static void run_tile(const Segment& seg, const uint8_t* g, int64_t local, int64_t K, const ActRow* rows,
+                     float* const* ys, int64_t t0) {
+  f32x16 acc[NG * RT];
+  if (NG == 1) tile<RT>(seg.fmt, g, K, rows + t0, acc);
+  else tile_floats<RT, NG>(seg.fmt, g, seg.group_bytes, K, rows + t0, acc);
+  for (int n = 0; n < NG; ++n) {
+    const int64_t first = (local + n) * GROUP, valid = std::min<int64_t>(GROUP, seg.rows - first);
+    for (int t = 0; t < RT; ++t) std::memcpy(ys[t0 + t] + seg.row0 + first, &acc[n * RT + t], valid * sizeof(float));
+  }
+}
+
 // ys[t][n] = W_e[n] . row t for the weight rows of global groups [g0, g1) (groups numbered across segments).
+// Float formats take two groups at a time (12 accumulators for 6 rows: FMA-bound rather than load-bound).
 static void linear_groups(const PackedWeight& w, int64_t e, const ActRow* rows, int64_t T, float* const* ys,
                           int64_t g0, int64_t g1) {
   int64_t first = 0;  // global number of the segment's first group
   for (const auto& seg : w.segments) {
     const int64_t lo = std::max(g0, first), hi = std::min(g1, first + seg.groups);
     const uint8_t* base = seg.data.data_ptr<uint8_t>() + e * seg.groups * seg.group_bytes;
-    for (int64_t gi = lo; gi < hi; ++gi) {
-      const int64_t local = gi - first, n0 = seg.row0 + local * GROUP;
-      const int64_t valid = std::min<int64_t>(GROUP, seg.rows - local * GROUP);
+    const bool floats = !fmt_info(seg.fmt).integer;
+    for (int64_t gi = lo; gi < hi;) {
+      const int64_t local = gi - first;
       const uint8_t* g = base + local * seg.group_bytes;
-      for (int64_t t0 = 0; t0 < T;) {
-        f32x16 acc[8];
-        const int64_t rt = T - t0 >= 8 ? 8 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
-        switch (rt) {
-          case 8: tile<8>(seg.fmt, g, w.k, rows + t0, acc); break;
-          case 4: tile<4>(seg.fmt, g, w.k, rows + t0, acc); break;
-          case 2: tile<2>(seg.fmt, g, w.k, rows + t0, acc); break;
-          default: tile<1>(seg.fmt, g, w.k, rows + t0, acc);
+      if (floats && gi + 1 < hi) {
+        for (int64_t t0 = 0; t0 < T;) {
+          const int64_t rt = T - t0 >= 6 ? 6 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
+          if (rt == 6) run_tile<6, 2>(seg, g, local, w.k, rows, ys, t0);
+          else if (rt == 4) run_tile<4, 2>(seg, g, local, w.k, rows, ys, t0);
+          else if (rt == 2) run_tile<2, 2>(seg, g, local, w.k, rows, ys, t0);
+          else run_tile<1, 2>(seg, g, local, w.k, rows, ys, t0);
+          t0 += rt;
         }
-        for (int64_t t = 0; t < rt; ++t) std::memcpy(ys[t0 + t] + n0, &acc[t], valid * sizeof(float));
+        gi += 2;
+        continue;
+      }
+      for (int64_t t0 = 0; t0 < T;) {
+        const int64_t rt = T - t0 >= 8 ? 8 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
+        if (rt == 8) run_tile<8, 1>(seg, g, local, w.k, rows, ys, t0);
+        else if (rt == 4) run_tile<4, 1>(seg, g, local, w.k, rows, ys, t0);
+        else if (rt == 2) run_tile<2, 1>(seg, g, local, w.k, rows, ys, t0);
+        else run_tile<1, 1>(seg, g, local, w.k, rows, ys, t0);
         t0 += rt;
       }
+      gi += 1;
     }
     first += seg.groups;
   }

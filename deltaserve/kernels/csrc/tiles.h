@@ -27,15 +27,35 @@ static inline int32_t bytes4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4)
 // the quantized tiles are not: the hardware prefetchers alone streamed them 1.6x faster (RESULTS.md).
 constexpr int64_t PREFETCH_BYTES = 8192;
 
-template <int RT, class Load>
-static void tile_float(const uint8_t* g, int64_t K, int64_t step, Load load, const ActRow* a, f32x16* out) {
-  f32x16 acc[RT] = {};
+// NG groups (NG * 16 weight rows) of a float format at once: NG * RT accumulators, one FMA chain each over k, so
+// a row's result is the same whichever NG and RT computed it.
+template <int RT, int NG, class Load>
+static void tile_float(const uint8_t* g, int64_t group_bytes, int64_t K, int64_t step, Load load, const ActRow* a,
+                       f32x16* out) {
+  f32x16 acc[NG][RT] = {};
   for (int64_t k = 0; k < K; ++k, g += step) {
-    if (k % (64 / step) == 0) __builtin_prefetch(g + PREFETCH_BYTES, 0, 1);
-    const f32x16 w = load(g);
-    for (int t = 0; t < RT; ++t) acc[t] = fma16(w, splat(a[t].x[k]), acc[t]);
+    f32x16 w[NG];
+    for (int n = 0; n < NG; ++n) {
+      if (k % (64 / step) == 0) __builtin_prefetch(g + n * group_bytes + PREFETCH_BYTES, 0, 1);
+      w[n] = load(g + n * group_bytes);
+    }
+    for (int t = 0; t < RT; ++t) {
+      const f32x16 x = splat(a[t].x[k]);
+      for (int n = 0; n < NG; ++n) acc[n][t] = fma16(w[n], x, acc[n][t]);
+    }
   }
-  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+  for (int n = 0; n < NG; ++n)
+    for (int t = 0; t < RT; ++t) out[n * RT + t] = acc[n][t];
+}
+
+// One float-format tile: NG groups from g (group_bytes apart) x RT rows -> out[n * RT + t]
+template <int RT, int NG>
+static void tile_floats(int64_t fmt, const uint8_t* g, int64_t group_bytes, int64_t K, const ActRow* a, f32x16* out) {
+  switch (fmt) {
+    case F32: return tile_float<RT, NG>(g, group_bytes, K, 64, [](const uint8_t* p) { return loadv<f32x16>(p); }, a, out);
+    case F16: return tile_float<RT, NG>(g, group_bytes, K, 32, [](const uint8_t* p) { return load_halves((const uint16_t*)p); }, a, out);
+    default: return tile_float<RT, NG>(g, group_bytes, K, 32, [](const uint8_t* p) { return load_bf16((const uint16_t*)p); }, a, out);
+  }
 }
 
 template <int RT>
@@ -137,9 +157,7 @@ static void tile_q6_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out)
 template <int RT>
 static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x16* acc) {
   switch (fmt) {
-    case F32: return tile_float<RT>(g, K, 64, [](const uint8_t* p) { return loadv<f32x16>(p); }, a, acc);
-    case F16: return tile_float<RT>(g, K, 32, [](const uint8_t* p) { return load_halves((const uint16_t*)p); }, a, acc);
-    case BF16: return tile_float<RT>(g, K, 32, [](const uint8_t* p) { return load_bf16((const uint16_t*)p); }, a, acc);
+    case F32: case F16: case BF16: return tile_floats<RT, 1>(fmt, g, 0, K, a, acc);
     case Q8_0: return tile_q8_0<RT>(g, K, a, acc);
     case Q4_0: return tile_q4_0<RT>(g, K, a, acc);
     case Q4_K: return tile_q45_k<RT, false>(g, K, a, acc);

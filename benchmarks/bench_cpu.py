@@ -137,7 +137,7 @@ def main() -> None:
                     run = ours_child(path, t) if who == "deltaserve" else peer(args.llama_cpp, path, t)
                     results[f, t, who].append(run)
     rss = {f: rss_pair(args.llama_cpp, path, max(threads)) for f, path in files.items()}
-    print(f"# {machine()} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M ({BENCH_CONFIG['num_hidden_layers']} "
+    print(f"# {machine().split(',')[0]}, torch {torch.__version__} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M ({BENCH_CONFIG['num_hidden_layers']} "
           f"layers), files by llama.cpp's converter + llama-quantize | prompt {PROMPT}, {TOKENS} new tokens, "
           f"median of {args.rounds} alternated rounds")
     print("\n| file | threads | pp128 t/s ds / llama.cpp | TG np=1 t/s ds / llama.cpp | TG np=8 t/s ds / llama.cpp |")

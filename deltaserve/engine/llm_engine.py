@@ -78,8 +78,8 @@ class LLMEngine:
         mtp_layers = len(model.mtp.layers) if spec_tokens else 0
         self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device,
                                  extra_state_slots + max_num_seqs * spec_tokens, mtp_layers)
-        log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.cache.size.describe())
         self.runner = ModelRunner(model, self.cache, self.device)
+        log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
         self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
         # prompts split where they would be alone: chunks that fit beside every running sequence's decode
@@ -96,7 +96,8 @@ class LLMEngine:
         return cls(model, cfg, load_tokenizer(path), device=device, **kwargs)
 
     def memory_report(self) -> str:
-        return self.cache.size.describe()
+        """Resident weight bytes (as held: quantized, packed or float) and the cache's sizes."""
+        return f"weights {self.runner.model.weight_bytes() / 2**20:.1f} MiB resident; {self.cache.size.describe()}"
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     keep_logits: bool = False, prompt_logits_from: int | None = None) -> None:

@@ -37,16 +37,3 @@ def pack_weights(root: torch.nn.Module) -> None:
                 if id(weight) not in done:
                     done[id(weight)] = cpu_native.pack(weight)
                 set_weight(module, name, done[id(weight)])
-
-
-def weight_bytes(model: HybridModel) -> int:
-    """Bytes the model's weights take: packed, quantized and float tensors (shared ones once)."""
-    seen, total = set(), 0
-    for module in model.modules():
-        for value in list(module._parameters.values()) + [v for v in vars(module).values()
-                                                          if cpu_native.is_packed(v) or hasattr(v, "segments")]:
-            if value is None or id(value) in seen:
-                continue
-            seen.add(id(value))
-            total += value.nbytes if not isinstance(value, torch.Tensor) else value.numel() * value.element_size()
-    return total

@@ -92,6 +92,15 @@ class HybridModel(nn.Module):
         """The LM head's weight [V, D]: the embedding's when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def weight_bytes(self) -> int:
+        """Bytes the weights take as held: float tensors, quantized or packed weights (a tied one once)."""
+        seen: dict[int, int] = {}
+        for module in self.modules():
+            for value in [*module._parameters.values(), *vars(module).values()]:
+                if isinstance(value, torch.Tensor) or hasattr(value, "nbytes") and hasattr(value, "segments"):
+                    seen[id(value)] = value.nbytes
+        return sum(seen.values())
+
     @property
     def dtype(self) -> torch.dtype:
         """The activations' dtype (weights may be stored in other formats)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from collections import Counter
-from math import prod
 from pathlib import Path
 
 import torch
@@ -38,7 +37,6 @@ class GGUFCheckpoint:
         parts = {p for s in self._sources.values() for p in s.parts}
         self._unread = set(parts)
         self.file_bytes = sum(file.data_bytes(p) for p in parts)
-        self.float32_bytes = sum(prod(s.shape) * 4 for s in self._sources.values())
         self._types = Counter(file.type_name(p) for p in parts)
         show = self.file_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
         self._bar = tqdm(total=self.file_bytes, unit="B", unit_scale=True, desc=f"loading {file.path.name}",
@@ -79,11 +77,9 @@ class GGUFCheckpoint:
             self._bar.close()
 
     def memory_report(self) -> str:
-        """e.g. 'm.gguf: 1.02 GiB of tensor data (Q8_0 x280, F32 x97), dequantized 3.80 GiB as float32, 1.90 GiB
-        as bfloat16/float16' (the model keeps one of the two; loading holds one extra float32 tensor at a time)."""
+        """e.g. 'm.gguf: 201.4 MiB of tensor data (Q4_K x69, F32 x61, Q6_K x13)'."""
         types = ", ".join(f"{t} x{n}" for t, n in self._types.most_common())
-        return (f"{self.file.path.name}: {_size(self.file_bytes)} of tensor data ({types}), dequantized "
-                f"{_size(self.float32_bytes)} as float32, {_size(self.float32_bytes // 2)} as bfloat16/float16")
+        return f"{self.file.path.name}: {_size(self.file_bytes)} of tensor data ({types})"
 
 
 def open_gguf(path: str | Path, progress: bool | None = None) -> tuple[GGUFCheckpoint, ModelConfig]:

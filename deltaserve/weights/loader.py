@@ -7,6 +7,7 @@ every tensor is converted to the model's dtype (GGUF blocks dequantized).
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from ..layers.linear import Embedding, Linear, set_weight
 from ..layers.model import HybridModel
 from .hf_layout import hf_recipes
 from .rows import combine_rows
+
+log = logging.getLogger(__name__)
 from .safetensors_dir import CheckpointError, SafetensorsDir
 
 
@@ -69,6 +72,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     for param, weight in kept.items():
         module_name, _, attr = param.rpartition(".")
         set_weight(model.get_submodule(module_name), attr, weight)
+    log.info("%s: weights %.1f MiB as loaded (%d matrices in their stored formats); the file's tensors %.1f MiB",
+             Path(path).name, model.weight_bytes() / 2**20, len(kept), ckpt.file_bytes / 2**20)
     return model.eval(), cfg
 
 

@@ -8,6 +8,7 @@ Tensors are read lazily (memory-mapped by safetensors), one at a time.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ class CheckpointError(ValueError):
 
 
 SKIPPED_PREFIXES = ("model.visual.", "visual.")
+DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+               "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _normalise(name: str) -> str | None:
@@ -45,6 +48,7 @@ class SafetensorsDir:
         self._where: dict[str, tuple[str, str]] = {}  # normalised name -> (file, name in file)
         self._shape: dict[str, tuple[int, ...]] = {}
         self._handles = {}
+        self.file_bytes = 0  # the tensors' bytes as stored
         for fname in files:
             fpath = self.path / fname
             if not fpath.is_file():
@@ -57,8 +61,10 @@ class SafetensorsDir:
             for raw in handle.keys():
                 name = _normalise(raw)
                 if name is not None:
+                    info = handle.get_slice(raw)
                     self._where[name] = (fname, raw)
-                    self._shape[name] = tuple(handle.get_slice(raw).get_shape())
+                    self._shape[name] = tuple(info.get_shape())
+                    self.file_bytes += math.prod(self._shape[name]) * DTYPE_BYTES.get(info.get_dtype(), 4)
 
     def names(self) -> set[str]:
         return set(self._where)

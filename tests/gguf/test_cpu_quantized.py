@@ -22,7 +22,7 @@ from deltaserve import LLM, LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
 from deltaserve.kernels import cpu_native
 from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment, quantize_activations, quantized_linear
-from deltaserve.layers.cpu_packed import pack_weights, weight_bytes
+from deltaserve.layers.cpu_packed import pack_weights
 from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.linear import set_weight
 from deltaserve.weights.gguf_export import export_gguf
@@ -209,7 +209,7 @@ def test_mix_loads_as_stored(mix_gguf, caplog):
     assert model.layers[3].mixer.qkv_proj.weight.qtypes == ["Q4_K", "Q4_0", "Q6_K"]
     assert isinstance(model.layers[1].ffn.experts_down, torch.Tensor)  # Q3_K: dequantized
     file_bytes = sum(GGUFFile(mix_gguf).data_bytes(n) for n in GGUFFile(mix_gguf).tensors)
-    assert weight_bytes(model) <= 1.1 * file_bytes + model.layers[1].ffn.experts_down.numel() * 4
+    assert model.weight_bytes() <= 1.1 * file_bytes + model.layers[1].ffn.experts_down.numel() * 4
 
 
 def mix_llm(path, max_num_seqs=8):

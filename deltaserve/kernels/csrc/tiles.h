@@ -23,9 +23,10 @@ struct ActRow {       // one activation row as the kernels read it
 
 static inline int32_t bytes4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
 
-// Float weights are prefetched this far ahead into L2 (it helped the F32 stream in the VM's slow minutes, issue 9);
-// the quantized tiles are not: the hardware prefetchers alone streamed them 1.6x faster (RESULTS.md).
-constexpr int64_t PREFETCH_BYTES = 8192;
+// Float weights are prefetched this far ahead into L2: one core streamed F32 groups at 28.5 GB/s so, 26-28 with no
+// prefetch and 24 with 8 KiB (RESULTS.md); the quantized tiles are not: the hardware prefetchers alone streamed them
+// 1.6x faster than a prefetch of every line.
+constexpr int64_t PREFETCH_BYTES = 2048;
 
 // NG groups (NG * 16 weight rows) of a float format at once: NG * RT accumulators, one FMA chain each over k, so
 // a row's result is the same whichever NG and RT computed it.

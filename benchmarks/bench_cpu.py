@@ -149,7 +149,7 @@ def main() -> None:
             cells = [f"{med['deltaserve'][m]:.1f} / {med['llama.cpp'][m]:.1f} = "
                      f"**{med['deltaserve'][m] / med['llama.cpp'][m]:.2f}x**" for m in ("pp", "tg1", "tg8")]
             print(f"| {f.upper()} | {t} | " + " | ".join(cells) + " |")
-    print(f"\n| file | file size | peak RSS deltaserve generate | peak RSS llama.cpp | ratio |\n|---|---|---|---|---|")
+    print("\n| file | file size | peak RSS deltaserve generate | peak RSS llama.cpp | ratio |\n|---|---|---|---|---|")
     for f, path in files.items():
         ours_gb, peer_gb = rss[f]
         print(f"| {f.upper()} | {path.stat().st_size / 2**20:.0f} MiB | {ours_gb:.2f} GB | {peer_gb:.2f} GB | "

@@ -75,7 +75,7 @@ def q4_k_m_file(llama: Path, tools: Path, layers: int) -> Path:
     if not (ckpt / "model.safetensors.index.json").is_file():
         write_checkpoint(ckpt, layers)
     subprocess.run([sys.executable, str(tools / "convert-to-gguf.py"), str(llama), str(ckpt), "--outtype", "bf16",
-                    "--outfile", str(bf16)], check=True, capture_output=True)
+                    "--outfile", str(bf16), "--no-mtp"], check=True, capture_output=True)
     subprocess.run([str(llama / "build/bin/llama-quantize"), str(bf16), str(out), "Q4_K_M"], check=True,
                    capture_output=True)
     bf16.unlink()

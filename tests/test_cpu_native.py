@@ -24,13 +24,6 @@ from tiny_models import tiny_config
 pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 9, 17, 130])
 @pytest.mark.parametrize("shape", [(1, 16), (33, 100), (130, 64), (257, 1030)], ids=str)

@@ -1,6 +1,5 @@
 """MTP speculative decoding stays lossless at any np: greedy output identical, sampled distribution unchanged."""
 
-import itertools
 
 import pytest
 import torch

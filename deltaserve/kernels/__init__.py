@@ -17,7 +17,7 @@ from .reference import causal_conv, gated_delta_rule
 
 __all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
            "gated_attention_verify", "gated_delta_net", "gated_delta_net_decode", "gated_delta_net_verify", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
-           "linear", "norm_rotary", "rms_norm", "sequence_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
+           "linear", "norm_rotary", "rms_norm", "mix_by_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
            "swiglu_gemv"]
 
 
@@ -103,11 +103,16 @@ def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return cpu_native.attention_decode(qg, k, v, layer, kv, batch)
 
 
-def sequence_parts(x: torch.Tensor, batch) -> list | None:
-    """Where a token mixer should run each part of the batch on its own (batch.parts()): CPU inference, whose
-    int8 activation rounding would magnify the float rounding a padded group of sequences adds. None elsewhere
-    (CUDA; autograd, whose in-place cache writes between parts would break the graph)."""
-    return None if x.is_cuda or torch.is_grad_enabled() else batch.parts()
+def mix_by_parts(x: torch.Tensor, proj: torch.Tensor, batch, cache, mix, out_proj) -> torch.Tensor:
+    """A token mixer's core, mix(rows, batch, cache, project=False), on each part of the batch alone (batch.parts())
+    for CPU inference, whose int8 activation rounding would magnify the float rounding a padded group of sequences
+    adds; the parts' outputs then go through out_proj together. Elsewhere (CUDA; autograd, whose in-place cache
+    writes between parts would break the graph) one call: mix(proj, batch, cache, project=True)."""
+    parts = None if x.is_cuda or torch.is_grad_enabled() else batch.parts()
+    if parts is None:
+        return mix(proj, batch, cache, project=True)
+    rows = proj.split([sum(part.lens) for part in parts])
+    return out_proj(torch.cat([mix(r, part, cache) for r, part in zip(rows, parts)]))
 
 
 def decoder_layer_decode(x: torch.Tensor, residual: torch.Tensor | None, layer, layer_cache,

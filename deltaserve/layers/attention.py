@@ -28,12 +28,7 @@ class GatedAttention(nn.Module):
         self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        proj = self.qkv_proj(x)
-        parts = kernels.sequence_parts(x, batch)
-        if parts is None:
-            return self.attend(proj, batch, kv, project=True)
-        rows = proj.split([sum(part.lens) for part in parts])  # each sequence's kernels see no other one
-        return self.o_proj(torch.cat([self.attend(r, part, kv) for r, part in zip(rows, parts)]))
+        return kernels.mix_by_parts(x, self.qkv_proj(x), batch, kv, self.attend, self.o_proj)
 
     def attend(self, proj: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
                project: bool = False) -> torch.Tensor:

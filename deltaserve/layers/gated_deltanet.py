@@ -32,12 +32,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, hidden]; state = (conv pool [S, K-1, C], delta-rule pool [S, H, Dk, Dv] fp32)."""
-        proj = self.in_proj(x)
-        parts = kernels.sequence_parts(x, batch)
-        if parts is None:
-            return self.mix(proj, batch, state, project=True)
-        rows = proj.split([sum(part.lens) for part in parts])  # each sequence's kernels see no other one
-        return self.out_proj(torch.cat([self.mix(r, part, state) for r, part in zip(rows, parts)]))
+        return kernels.mix_by_parts(x, self.in_proj(x), batch, state, self.mix, self.out_proj)
 
     def mix(self, proj: torch.Tensor, batch: ForwardBatch, state: tuple[torch.Tensor, torch.Tensor],
             project: bool = False) -> torch.Tensor:

@@ -67,13 +67,6 @@ def assert_exact_product(y: torch.Tensor, x: torch.Tensor, w: QuantizedWeight) -
     assert ((y.double() - torch.cat(exact, -1)).abs() <= 1e-5 * torch.cat(scale, -1) + 1e-12).all()
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 @pytest.mark.parametrize("shape", [(16, 256), (37, 512), (3, 1024)], ids=str)

@@ -90,6 +90,21 @@ static void run_tile(const Segment& seg, const uint8_t* g, int64_t local, int64_
   }
 }
 
+// All T rows against NG groups: tiles of RT_MAX rows, the rest in tiles of 4, 2 and 1.
+template <int NG, int RT_MAX>
+static void run_rows(const Segment& seg, const uint8_t* g, int64_t local, int64_t K, const ActRow* rows, int64_t T,
+                     float* const* ys) {
+  for (int64_t t0 = 0; t0 < T;) {
+    const int64_t left = T - t0;
+    const int64_t rt = left >= RT_MAX ? RT_MAX : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    if (rt == RT_MAX) run_tile<RT_MAX, NG>(seg, g, local, K, rows, ys, t0);
+    else if (rt == 4) run_tile<4, NG>(seg, g, local, K, rows, ys, t0);
+    else if (rt == 2) run_tile<2, NG>(seg, g, local, K, rows, ys, t0);
+    else run_tile<1, NG>(seg, g, local, K, rows, ys, t0);
+    t0 += rt;
+  }
+}
+
 // ys[t][n] = W_e[n] . row t for the weight rows of global groups [g0, g1) (groups numbered across segments).
 // Float formats take two groups at a time (12 accumulators for 6 rows: FMA-bound rather than load-bound).
 static void linear_groups(const PackedWeight& w, int64_t e, const ActRow* rows, int64_t T, float* const* ys,
@@ -101,28 +116,10 @@ static void linear_groups(const PackedWeight& w, int64_t e, const ActRow* rows, 
     const bool floats = !fmt_info(seg.fmt).integer;
     for (int64_t gi = lo; gi < hi;) {
       const int64_t local = gi - first;
-      const uint8_t* g = base + local * seg.group_bytes;
-      if (floats && gi + 1 < hi) {
-        for (int64_t t0 = 0; t0 < T;) {
-          const int64_t rt = T - t0 >= 6 ? 6 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
-          if (rt == 6) run_tile<6, 2>(seg, g, local, w.k, rows, ys, t0);
-          else if (rt == 4) run_tile<4, 2>(seg, g, local, w.k, rows, ys, t0);
-          else if (rt == 2) run_tile<2, 2>(seg, g, local, w.k, rows, ys, t0);
-          else run_tile<1, 2>(seg, g, local, w.k, rows, ys, t0);
-          t0 += rt;
-        }
-        gi += 2;
-        continue;
-      }
-      for (int64_t t0 = 0; t0 < T;) {
-        const int64_t rt = T - t0 >= 8 ? 8 : T - t0 >= 4 ? 4 : T - t0 >= 2 ? 2 : 1;
-        if (rt == 8) run_tile<8, 1>(seg, g, local, w.k, rows, ys, t0);
-        else if (rt == 4) run_tile<4, 1>(seg, g, local, w.k, rows, ys, t0);
-        else if (rt == 2) run_tile<2, 1>(seg, g, local, w.k, rows, ys, t0);
-        else run_tile<1, 1>(seg, g, local, w.k, rows, ys, t0);
-        t0 += rt;
-      }
-      gi += 1;
+      const bool pair = floats && gi + 1 < hi;
+      if (pair) run_rows<2, 6>(seg, base + local * seg.group_bytes, local, w.k, rows, T, ys);
+      else run_rows<1, 8>(seg, base + local * seg.group_bytes, local, w.k, rows, T, ys);
+      gi += pair ? 2 : 1;
     }
     first += seg.groups;
   }

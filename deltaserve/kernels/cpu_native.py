@@ -21,7 +21,7 @@ import weakref
 
 import torch
 
-from .quantized import FLOAT_DTYPES, QuantizedWeight
+from .quantized import QuantizedWeight, segments_of
 
 CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 ISA_LEVELS = ("generic", "avx2", "avx512", "avx512-vnni")  # each needs the CPU flags of the one before and its own
@@ -92,24 +92,16 @@ def is_packed(weight) -> bool:
     return type(weight).__name__ == "PackedWeight" and hasattr(weight, "segments")
 
 
-_QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
-
-
 def pack(weight: torch.Tensor | QuantizedWeight, isa: str | None = None):
     """A float weight [N, K] / [E, N, K] (float32, float16 or bfloat16) or a QuantizedWeight -> the packed layout the
     kernels read (csrc/packed.h): same values, the file's format kept, about the same bytes. isa: for the module
     built for that ISA (default: this CPU's)."""
-    if isinstance(weight, QuantizedWeight):
-        shape, col_perm = weight.shape, weight.col_perm
-        parts = [(s.qtype, s.data) for s in weight.segments]
-    else:
-        shape, col_perm = tuple(weight.shape), None
-        data = weight.detach().contiguous()
-        parts = [(_QTYPE_OF_DTYPE[data.dtype], data.view(torch.uint8))]
+    shape = tuple(weight.shape)
+    col_perm = weight.col_perm if isinstance(weight, QuantizedWeight) else None
     segments, row = [], 0
-    for qtype, data in parts:
-        raw = data if len(shape) == 3 else data[None]  # [E, rows, row bytes]
-        segments.append(ops(isa).pack_segment(int(qtype), row, raw.contiguous()))
+    for seg in segments_of(weight):
+        raw = seg.data if len(shape) == 3 else seg.data[None]  # [E, rows, row bytes]
+        segments.append(ops(isa).pack_segment(int(seg.qtype), row, raw.contiguous()))
         row += raw.shape[1]
     return ops(isa).PackedWeight(shape[-2], shape[-1], segments, col_perm)
 

@@ -11,7 +11,6 @@ N = output rows, K = inputs, E = experts, T = activation rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from math import prod
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ Q = GGMLQuantizationType
 # Formats the CPU kernels compute on as stored; the loader dequantizes any other type (with a warning)
 KEPT = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
 ACT_BLOCK = 32
 
 
@@ -63,6 +63,13 @@ class QuantizedWeight:
         return out if self.col_perm is None else out[..., self.col_perm]
 
 
+def segments_of(weight: torch.Tensor | QuantizedWeight) -> list[QuantSegment]:
+    """A weight's row segments: a float tensor is one segment of its dtype (its bytes)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.segments
+    return [QuantSegment(QTYPE_OF_DTYPE[weight.dtype], weight.detach().contiguous().view(torch.uint8))]
+
+
 def dequantize_rows(qtype: GGMLQuantizationType, data: torch.Tensor) -> torch.Tensor:
     """uint8 [..., rows, row bytes] of one GGML type -> float32 [..., rows, K] (gguf-py's dequantizers)."""
     if qtype in FLOAT_DTYPES:
@@ -97,7 +104,3 @@ def quantized_linear(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
             xs = quantize_activations(xs)
         outs.append(xs @ weight.T)
     return torch.cat(outs, dim=-1).view(*x.shape[:-1], w.shape[-2])
-
-
-def row_count(shape: tuple[int, ...]) -> int:
-    return prod(shape[:-1])

@@ -17,16 +17,9 @@ from typing import Callable
 import torch
 from gguf import GGMLQuantizationType
 
-from ..kernels.quantized import FLOAT_DTYPES, QuantizedWeight, QuantSegment
+from ..kernels.quantized import FLOAT_DTYPES, QuantizedWeight, QuantSegment, segments_of
 
 Part = torch.Tensor | QuantizedWeight
-_QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
-
-
-def _segments(part: Part) -> list[QuantSegment]:
-    if isinstance(part, QuantizedWeight):
-        return part.segments
-    return [QuantSegment(_QTYPE_OF_DTYPE[part.dtype], part.contiguous().view(torch.uint8))]
 
 
 def combine_rows(build: Callable[[list], torch.Tensor], parts: list[Part]) -> Part:
@@ -47,7 +40,7 @@ def combine_rows(build: Callable[[list], torch.Tensor], parts: list[Part]) -> Pa
         row_q = torch.empty(lead, n, dtype=torch.int64)
         row_p = torch.empty(lead, n, dtype=torch.int64)
         n0 = 0
-        for s in _segments(part):
+        for s in segments_of(part):
             table = tables.setdefault(s.qtype, [])
             start = sum(t.shape[0] for t in table)
             rows = s.data.reshape(lead * s.rows, -1)

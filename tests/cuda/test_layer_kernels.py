@@ -186,7 +186,7 @@ def test_one_row_linear_matches_float64(n, k, check):
 def test_swiglu_gemv_matches_float64(i, k, check):
     """The MLP's one-row input half (gate_up GEMV, SiLU(gate) * up in its epilogue) against float64, into a
     NaN-poisoned output at both row blocks; I not a multiple of the block included; then the whole MLP layer."""
-    from deltaserve.kernels.triton.linear import gemv, use_triton_linears
+    from deltaserve.kernels.triton.linear import gemv
     from deltaserve.layers.feed_forward import MLP
     bf16 = torch.bfloat16
     gen = torch.Generator().manual_seed(i + k)
@@ -197,8 +197,7 @@ def test_swiglu_gemv_matches_float64(i, k, check):
     ref_mlp = copy.deepcopy(mlp).to(bf16).double()  # CPU: the product, then silu_mul
     gate, up = (x.double() @ ref_mlp.gate_up.weight.T).chunk(2, dim=-1)
     ref = torch.nn.functional.silu(gate) * up
-    c_mlp = copy.deepcopy(mlp).to(bf16).cuda()
-    use_triton_linears(c_mlp)
+    c_mlp = copy.deepcopy(mlp).to(bf16).cuda()  # its Linears reach the Triton GEMV through kernels.linear
     xc, wc = x.cuda(), c_mlp.gate_up.weight
     with torch.no_grad():
         got = kernels.swiglu_gemv(xc, wc)

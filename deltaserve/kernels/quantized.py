@@ -56,10 +56,15 @@ class QuantizedWeight:
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [..., N, K] in the model's column order (rows: only these rows of a 2-D weight)."""
-        parts = [dequantize_rows(s.qtype, s.data) for s in self.segments]
-        out = torch.cat(parts, dim=-2)
-        if rows is not None:
-            out = out[rows]
+        if rows is None:
+            out = torch.cat([dequantize_rows(s.qtype, s.data) for s in self.segments], dim=-2)
+        else:  # only those rows, from the segment that holds each
+            out, first = torch.empty(len(rows), self.shape[-1]), 0
+            for s in self.segments:
+                hit = (rows >= first) & (rows < first + s.rows)
+                if hit.any():
+                    out[hit] = dequantize_rows(s.qtype, s.data[rows[hit] - first])
+                first += s.rows
         return out if self.col_perm is None else out[..., self.col_perm]
 
 
@@ -96,11 +101,10 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 def quantized_linear(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x [..., K] @ w^T -> [..., N] float32, computed as the native kernels define it (see the module doc)."""
     rows = x.reshape(-1, x.shape[-1]).float()
+    if w.col_perm is not None:
+        rows = rows[:, torch.argsort(w.col_perm)]  # the stored column order
     outs = []
     for s in w.segments:
-        weight = dequantize_rows(s.qtype, s.data)
-        xs = rows if w.col_perm is None else rows[:, torch.argsort(w.col_perm)]  # stored column order
-        if is_integer(s.qtype):
-            xs = quantize_activations(xs)
-        outs.append(xs @ weight.T)
+        xs = quantize_activations(rows) if is_integer(s.qtype) else rows
+        outs.append(xs @ dequantize_rows(s.qtype, s.data).T)
     return torch.cat(outs, dim=-1).view(*x.shape[:-1], w.shape[-2])

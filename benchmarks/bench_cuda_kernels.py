@@ -23,7 +23,8 @@ from triton.testing import do_bench
 from deltaserve.kernels.triton.attention import decode_attention, prefill_attention
 from deltaserve.kernels.triton.linear import gemv as triton_gemv
 from deltaserve.kernels.triton.linear import linear
-from deltaserve.kernels.triton.moe import expert_layout, grouped_matmul, route
+from deltaserve.kernels.triton.moe import expert_layout, grouped_matmul
+from deltaserve.kernels.triton.moe_route import route
 from deltaserve.kernels.triton.recurrent import gdn_recurrent_fwd
 from deltaserve.kernels.triton.rowwise import gate_mul
 

@@ -91,7 +91,7 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kwargs) -> "LLMEngine":
-        torch_dtype = _resolve_dtype(path, dtype)
+        torch_dtype = _resolve_dtype(path, dtype, torch.device(device))
         model, cfg = load_model(path, torch_dtype, device)
         return cls(model, cfg, load_tokenizer(path), device=device, **kwargs)
 
@@ -285,9 +285,9 @@ class LLMEngine:
         )
 
 
-def _resolve_dtype(path: str | Path, dtype: str) -> torch.dtype:
+def _resolve_dtype(path: str | Path, dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto" and str(path).endswith(".gguf"):
-        dtype = "float32"  # GGUF weights are dequantized to float32 at load
+        dtype = "bfloat16" if device.type == "cuda" else "float32"  # the CPU kernels take float32 activations
     elif dtype == "auto":
         raw = json.loads((Path(path) / "config.json").read_text())
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"

@@ -3,7 +3,8 @@
 Layers call these names only. CPU tensors run the native kernels (`cpu_native.py`) where they apply, else the
 torch reference (`reference.py`, `quantized.py`); CUDA tensors run the Triton kernels of `triton/` (imported on
 first use, so CPU installs need no Triton), each checked against the reference in tests/cuda. A weight matrix
-is a float tensor, a QuantizedWeight (its GGUF blocks) or a packed CPU weight; `linear` and `embedding` take all.
+is a float tensor, a QuantizedWeight (its GGUF blocks), a PlanarWeight (quantized for the CUDA kernels) or a packed
+CPU weight; `linear`, `embedding` and `sparse_moe` take all, the fused one-row paths only float tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native, reference
+from .gpu_quant import PlanarWeight
 from .quantized import QuantizedWeight, quantized_linear
 from .reference import causal_conv, gated_delta_rule
 
@@ -29,6 +31,11 @@ def linear(x: torch.Tensor, weight) -> torch.Tensor:
         return cpu_native.linear(x, weight)
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight).to(x.dtype)
+    if isinstance(weight, PlanarWeight):
+        if x.is_cuda:
+            from .triton.qlinear import qlinear
+            return qlinear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-2])
+        return F.linear(x.float(), weight.dequantize()).to(x.dtype)  # the torch reference (CPU tests)
     if x.is_cuda and not torch.is_grad_enabled():
         from .triton.linear import linear as cuda_linear
         return cuda_linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
@@ -41,6 +48,8 @@ def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
         return cpu_native.embedding(ids, weight)
     if isinstance(weight, QuantizedWeight):
         return weight.dequantize(ids.reshape(-1)).view(*ids.shape, weight.shape[-1])
+    if isinstance(weight, PlanarWeight):
+        return weight.dequantize(ids.reshape(-1)).to(weight.dtype).view(*ids.shape, weight.shape[-1])
     return F.embedding(ids, weight)
 
 
@@ -171,7 +180,7 @@ def gated_norm_linear(x: torch.Tensor, z: torch.Tensor, norm, weight: torch.Tens
     """The delta-rule output of one row, x [1, H*Dv], through its gated RMS norm (gate z [1, H*Dv], `norm` a
     GatedRMSNorm) and the out-projection weight [N, H*Dv] -> [1, N]: one CUDA launch, the norm in the GEMV's
     prologue; None elsewhere (then: the norm and the projection)."""
-    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled():
+    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled() or not isinstance(weight, torch.Tensor):
         return None
     from .triton.linear import norm_gemv
     return norm_gemv(x, z, norm.weight, norm.eps, weight)
@@ -181,7 +190,7 @@ def sigmoid_gate_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
     """The attention output of one row, x [1, H*D], times sigmoid(gate) ([1, H, D], unit last stride) through the
     o-projection weight [N, H*D] -> [1, N]: one CUDA launch, the gate in the GEMV's prologue; None elsewhere
     (then: sigmoid_gate and the projection)."""
-    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled():
+    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled() or not isinstance(weight, torch.Tensor):
         return None
     from .triton.linear import norm_gemv
     return norm_gemv(x, gate, gate, 0., weight, gated=False)  # ungated prologue: norm weight and eps unused
@@ -191,7 +200,7 @@ def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
     """SiLU(gate) * up of one row x [1, D] times gate_up [2I, D] (rows [gate | up]) -> [1, I] in one launch (the
     CUDA GEMV with the SwiGLU in its epilogue, bf16/fp16, no autograd); None elsewhere (then: the product and
     silu_mul)."""
-    if not x.is_cuda or torch.is_grad_enabled():
+    if not x.is_cuda or torch.is_grad_enabled() or not isinstance(gate_up, torch.Tensor):
         return None
     from .triton.linear import swiglu_gemv as cuda_swiglu_gemv
     return cuda_swiglu_gemv(x, gate_up)

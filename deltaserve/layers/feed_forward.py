@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from ..kernels.gpu_quant import PlanarWeight
 from ..kernels.quantized import QuantizedWeight
 from .linear import Linear
 
@@ -68,5 +69,5 @@ class SparseMoE(nn.Module):
 
 
 def _expert(stack, e: int):
-    """Expert e's matrix of a stack [E, N, K] (a tensor or a QuantizedWeight)."""
-    return stack.expert(e) if isinstance(stack, QuantizedWeight) else stack[e]
+    """Expert e's matrix of a stack [E, N, K] (a tensor, a QuantizedWeight or a PlanarWeight)."""
+    return stack.expert(e) if isinstance(stack, (QuantizedWeight, PlanarWeight)) else stack[e]

@@ -1,8 +1,9 @@
 """Builds a HybridModel from a checkpoint directory or GGUF file, checking every tensor against the config first.
 
 On the CPU with float32 activations, weight matrices keep the format the file stores them in (bf16 tensors stay
-bf16, GGUF blocks stay blocks: QuantizedWeight) and the CPU runner packs them for the native kernels; elsewhere
-every tensor is converted to the model's dtype (GGUF blocks dequantized).
+bf16, GGUF blocks stay blocks: QuantizedWeight) and the CPU runner packs them for the native kernels. On CUDA,
+quantized matrices (block-FP8; GGUF Q8_0, Q4_K, Q6_K) stay quantized in the CUDA kernels' planar layouts
+(PlanarWeight); any other tensor is converted to the model's dtype (other GGUF block types dequantized, with a warning).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..kernels.gpu_quant import PlanarWeight, from_quantized
 from ..kernels.quantized import QuantizedWeight
 from ..layers.feed_forward import SparseMoE
 from ..layers.linear import Embedding, Linear, set_weight
 from ..layers.model import HybridModel
 from .hf_layout import hf_recipes
+from .fp8 import combine_fp8
 from .rows import combine_rows
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,10 @@ def open_checkpoint(path: str | Path):
     return SafetensorsDir(path), ModelConfig.from_dir(path)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               planar: bool | None = None):
+    """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them.
+    planar: quantized matrices as PlanarWeights (default: on CUDA; on the CPU they then run the torch reference)."""
     ckpt, cfg = open_checkpoint(path)
     names = ckpt.names()
     mtp_layers = len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
@@ -57,10 +62,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     with torch.device("meta"):
         model = HybridModel(cfg, mtp_layers)
     as_stored = torch.device(device).type == "cpu" and dtype == torch.float32
-    matrices = matrix_params(model) if as_stored else set()
+    planar = torch.device(device).type == "cuda" if planar is None else planar
+    as_stored = as_stored and not planar
+    matrices = matrix_params(model) if as_stored or planar else set()
     state, kept = {}, {}
     for param, recipe in recipes.items():
-        if param in matrices:  # rows in their stored formats
+        if param in matrices and planar:
+            weight = planar_weight(ckpt, recipe, dtype)
+            if isinstance(weight, PlanarWeight):
+                kept[param] = weight.to(device)
+                continue
+        elif param in matrices:  # rows in their stored formats
             weight = combine_rows(recipe.combine, [ckpt.get_stored(name) for name, _ in recipe.sources])
             if isinstance(weight, QuantizedWeight) or weight.dtype != dtype:
                 kept[param] = weight.contiguous() if isinstance(weight, torch.Tensor) else weight
@@ -75,6 +87,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     log.info("%s: weights %.1f MiB as loaded (%d matrices in their stored formats); the file's tensors %.1f MiB",
              Path(path).name, model.weight_bytes() / 2**20, len(kept), ckpt.file_bytes / 2**20)
     return model.eval(), cfg
+
+
+def planar_weight(ckpt, recipe, dtype: torch.dtype) -> PlanarWeight | torch.Tensor:
+    """A weight matrix for the CUDA kernels: quantized rows in planar form (PlanarWeight), else a float tensor."""
+    names = [name for name, _ in recipe.sources]
+    fp8 = [ckpt.get_fp8(name) if hasattr(ckpt, "get_fp8") else None for name in names]
+    if any(p is not None for p in fp8):
+        return combine_fp8(recipe.combine, [p if p is not None else ckpt.get(n) for p, n in zip(fp8, names)], dtype)
+    weight = combine_rows(recipe.combine, [ckpt.get_stored(name) for name in names])
+    if not isinstance(weight, QuantizedWeight):
+        return weight
+    if (out := from_quantized(weight, dtype)) is None:
+        log.warning("%s (%s rows): the CUDA kernels compute on Q8_0, Q4_K and Q6_K (one format per expert "
+                    "stack); dequantized to %s at load", names[0], "/".join(weight.qtypes), dtype)
+        return weight.dequantize()
+    return out
 
 
 def matrix_params(model: HybridModel) -> set[str]:

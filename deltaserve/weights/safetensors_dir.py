@@ -2,7 +2,9 @@
 
 Names are normalised to the text-only layout: a *ForConditionalGeneration checkpoint's
 `model.language_model.*` becomes `model.*`; its vision tower (`model.visual.*`) is skipped.
-Tensors are read lazily (memory-mapped by safetensors), one at a time.
+Tensors are read lazily (memory-mapped by safetensors), one at a time. In a block-FP8 checkpoint (weights/fp8.py)
+each quantized weight's `<name>_scale_inv` sibling is not a tensor of its own: `get` dequantizes the pair to float32,
+`get_fp8` hands it over as stored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .fp8 import Fp8FormatError, Fp8Part, check_quantization, dequantize_fp8
 
 
 class CheckpointError(ValueError):
@@ -48,7 +52,14 @@ class SafetensorsDir:
         self._where: dict[str, tuple[str, str]] = {}  # normalised name -> (file, name in file)
         self._shape: dict[str, tuple[int, ...]] = {}
         self._handles = {}
+        self._scales: dict[str, str] = {}  # FP8 weight -> its scale_inv sibling (both normalised names)
+        self._scale_where: dict[str, tuple[str, str]] = {}
         self.file_bytes = 0  # the tensors' bytes as stored
+        cfg_file = self.path / "config.json"
+        try:
+            fp8 = cfg_file.is_file() and check_quantization(json.loads(cfg_file.read_text()), str(cfg_file))
+        except (Fp8FormatError, json.JSONDecodeError) as e:
+            raise CheckpointError(str(e)) from None
         for fname in files:
             fpath = self.path / fname
             if not fpath.is_file():
@@ -65,6 +76,15 @@ class SafetensorsDir:
                     self._where[name] = (fname, raw)
                     self._shape[name] = tuple(info.get_shape())
                     self.file_bytes += math.prod(self._shape[name]) * DTYPE_BYTES.get(info.get_dtype(), 4)
+                    if info.get_dtype().startswith("F8") and not fp8:
+                        raise CheckpointError(f"{fpath}: tensor '{raw}' is FP8 but config.json has no fp8 "
+                                              "quantization_config")
+        for name in [n for n in self._where if n.endswith("_scale_inv")]:
+            weight = name.removesuffix("_scale_inv")
+            if weight not in self._where:
+                raise CheckpointError(f"{self.path}: '{name}' scales a tensor '{weight}' that is not there")
+            self._scales[weight] = name
+            self._scale_where[name] = self._where.pop(name)
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -73,12 +93,29 @@ class SafetensorsDir:
         return self._shape[name]
 
     def get_stored(self, name: str) -> torch.Tensor:
-        """The tensor in the dtype the file stores it in (get does the same: safetensors holds plain tensors)."""
+        """The tensor in the dtype the file stores it in; an FP8 weight dequantized to float32 (as get)."""
         return self.get(name)
 
+    def get_fp8(self, name: str) -> Fp8Part | None:
+        """(codes float8_e4m3fn [N, K], scale_inv [ceil(N/128), ceil(K/128)]) of an FP8 weight, else None."""
+        if name not in self._scales:
+            return None
+        codes, scale = self._read(name), self._read(self._scales[name])
+        n, k = codes.shape
+        if codes.dtype != torch.float8_e4m3fn or scale.shape != (-(-n // 128), -(-k // 128)):
+            raise CheckpointError(f"{self.path}: FP8 weight '{name}' ({codes.dtype}) has scales of shape "
+                                  f"{list(scale.shape)}, expected float8_e4m3fn codes and [{-(-n // 128)}, "
+                                  f"{-(-k // 128)}] scales")
+        return codes, scale
+
     def get(self, name: str) -> torch.Tensor:
-        fname, raw = self._where[name]
+        fp8 = self.get_fp8(name)
+        return self._read(name) if fp8 is None else dequantize_fp8(*fp8)
+
+    def _read(self, name: str) -> torch.Tensor:
+        fname, raw = self._where.get(name) or self._scale_where[name]
         try:
             return self._handles[fname].get_tensor(raw)
         except Exception as e:
             raise CheckpointError(f"{self.path / fname}: cannot read tensor '{raw}' ({e})") from None
+

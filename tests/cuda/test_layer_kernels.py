@@ -103,7 +103,7 @@ def test_sparse_moe_matches_cpu_block(t, e, k, s, dtype, check, note):
     the softmax weights (and the block's output) by ~1.2e-2 relative against unrounded float64 logits.
     The rounded logits may still differ by one ulp (cuBLAS's float32 sum vs float64), so a token whose k-th
     and (k+1)-th logits lie within 2^-7 of each other may pick another expert: such tokens are left out
-    and counted. Shared width s = 64 = the expert width at t <= 8 takes the per-pair GEMV path (moe._few_tokens),
+    and counted. Shared width s = 64 = the expert width at t <= 8 takes the per-pair GEMV path (moe_pairs.few_tokens),
     whose tokens are computed independently: there each token's row must equal its solo run bit for bit."""
     d, i = 256, 64
     cfg = types.SimpleNamespace(num_experts=e, moe_intermediate_size=i, hidden_size=d, top_k=k,
@@ -122,7 +122,7 @@ def test_sparse_moe_matches_cpu_block(t, e, k, s, dtype, check, note):
         c_moe = copy.deepcopy(moe).to(dtype).cuda()
         got = kernels.sparse_moe(x.to(dtype).cuda(), c_moe)
         if s == i and t <= 8:
-            from deltaserve.kernels.triton.moe import PAIR_GEMV_TOKENS
+            from deltaserve.kernels.triton.moe_pairs import PAIR_GEMV_TOKENS
             assert t <= PAIR_GEMV_TOKENS
             for j in range(t):
                 assert torch.equal(kernels.sparse_moe(x[j:j + 1].to(dtype).cuda(), c_moe)[0], got[j])

@@ -1,10 +1,13 @@
-"""Rewrites a GGUF file with metadata keys or tensors removed, changed or added: broken files for the error tests."""
+"""Rewrites a GGUF file with metadata keys or tensors removed, changed or added (broken files for the error tests, files
+in a mix of block formats), and random blocks of any GGML type."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as Q
 
 
 def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys: dict | None = None,
@@ -38,3 +41,18 @@ def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q3_K: [108]}
+
+
+def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:
+    """Blocks with every quant and sub-scale bit random and finite fp16 scales of either sign (|d| within a factor
+    of 10 of `scale`): uint8 [..., rows, row bytes] (every bit pattern a quantizer could write, and more)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    for at in SCALE_AT[qtype]:
+        d = (rng.uniform(scale / 5, scale * 2, raw.shape[:-1]) * rng.choice([-1, 1], raw.shape[:-1])).astype(np.float16)
+        raw[..., at:at + 2] = d[..., None].view(np.uint8)
+    return raw.reshape(*shape[:-1], -1)

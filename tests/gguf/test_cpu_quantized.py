@@ -11,12 +11,10 @@ from __future__ import annotations
 import copy
 import logging
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from deltaserve import LLM, LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
@@ -25,31 +23,14 @@ from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment, quantize
 from deltaserve.layers.cpu_packed import pack_weights
 from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.linear import set_weight
-from deltaserve.weights.gguf_export import export_gguf
 from deltaserve.weights.gguf_file import GGUFFile
-from deltaserve.weights.kquants import quantize_k
 from deltaserve.weights.loader import load_model, matrix_params
-from gguf_edit import rewrite_gguf
-from tiny_models import save_hf_model, tiny_config
+from gguf_edit import random_blocks
+from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
 
 FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q3_K: [108]}
-
-
-def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:
-    """Blocks with every quant and sub-scale bit random and finite fp16 scales of either sign (|d| within a factor
-    of 10 of `scale`): uint8 [..., rows, row bytes] (every bit pattern a quantizer could write, and more)."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
-    for at in SCALE_AT[qtype]:
-        d = (rng.uniform(scale / 5, scale * 2, raw.shape[:-1]) * rng.choice([-1, 1], raw.shape[:-1])).astype(np.float16)
-        raw[..., at:at + 2] = d[..., None].view(np.uint8)
-    return raw.reshape(*shape[:-1], -1)
-
-
 def weight(qtype, shape, seed=0) -> QuantizedWeight:
     return QuantizedWeight(shape, [QuantSegment(qtype, torch.from_numpy(random_blocks(qtype, shape, seed)))])
 
@@ -157,40 +138,7 @@ def test_isa_paths_give_the_same_bits():
         assert torch.equal(cpu_native.ops(lower).linear(x, cpu_native.pack(w, lower)), here), q.name
 
 
-# ---- a model stored in a Q4_K_M-like mix (hidden 256: every matrix splits into 256-blocks) ----
-# Every expert routed (top-k = E): with top-k < E one activation rounding flip can flip an expert choice in a
-# random tiny model and move logits by O(1), which no rounding bound describes (as in test_gguf_quant.py).
-
-DIMS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
-            num_experts=4, num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=256)
-MIX = {"attn_qkv": Q.Q6_K, "attn_gate": Q.Q4_K, "ssm_alpha": Q.Q8_0, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q5_K,
-       "attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q6_K, "attn_output": Q.Q5_K, "ffn_gate_exps": Q.Q4_K,
-       "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K, "ffn_gate_shexp": Q.Q8_0, "ffn_up_shexp": Q.Q8_0,
-       "ffn_down_shexp": Q.Q6_K, "token_embd": Q.Q4_K, "output": Q.Q6_K}
-
-
-def stored(name: str, data: np.ndarray) -> tuple[np.ndarray, Q]:
-    """A float tensor of the export in the mix's format: quantizers where one exists, else random blocks (the
-    file's values are then whatever those blocks hold); blk.1's routed down-projection as Q3_K, a type loaded
-    dequantized."""
-    key = name.split(".")[-2]
-    qtype = Q.Q3_K if name == "blk.1.ffn_down_exps.weight" else MIX[key]
-    if qtype in (Q.Q8_0, Q.Q4_0):
-        return quantize(data, qtype), qtype
-    if qtype in (Q.Q4_K, Q.Q6_K):
-        return quantize_k(data, qtype), qtype
-    return random_blocks(qtype, data.shape, seed=len(name), scale=2e-5), qtype  # weights of ~0.05 like the rest
-
-
-@pytest.fixture(scope="module")
-def mix_gguf(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mix")
-    f32 = export_gguf(save_hf_model("qwen3_5_moe", d / "hf", seed=4, **DIMS), d / "f32.gguf", "f32")
-    f = GGUFFile(f32)
-    retype = {n: stored(n, f.read(n).numpy()) for n in f.tensors if n.split(".")[-2] in MIX}
-    return rewrite_gguf(f32, d / "mix.gguf", retype=retype)
-
+# ---- a model stored in a Q4_K_M-like mix (the mix_gguf fixture of conftest.py) ----
 
 def test_mix_loads_as_stored(mix_gguf, caplog):
     with caplog.at_level(logging.WARNING):

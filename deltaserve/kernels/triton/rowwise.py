@@ -153,12 +153,13 @@ def norm_rotary(x: torch.Tensor, weight: torch.Tensor, eps: float, positions: to
     return out
 
 
-def gate_mul(x: torch.Tensor, gate: torch.Tensor, sigmoid: bool) -> torch.Tensor:
-    """x * sigmoid(gate) or x * SiLU(gate), same-shaped [R, D] or [R, B, D] views. Returns contiguous, x's dtype."""
+def gate_mul(x: torch.Tensor, gate: torch.Tensor, sigmoid: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x * sigmoid(gate) or x * SiLU(gate), same-shaped [R, D] or [R, B, D] views. Returns contiguous (or fills
+    out, contiguous), x's dtype."""
     r0, b, x0, x1 = _rows(x)
     _, _, g0, g1 = _rows(gate)
     d = x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     bd = min(1024, triton.next_power_of_2(d))
     gate_mul_kernel[(r0 * b, triton.cdiv(d, bd))](x, x0, x1, gate, g0, g1, out, b, D=d, BD=bd, SIGMOID=sigmoid,
                                                   num_warps=4 if bd >= 512 else 1)

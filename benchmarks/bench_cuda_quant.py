@@ -1,0 +1,209 @@
+"""Quantized weights on CUDA (issue 16): decode against the roofline of the bytes each format reads, beside bf16.
+
+Model: bench_cuda's qwen3-next-8l (Qwen3-Next-80B-A3B's layer dimensions, 8 of its 48 layers), RANDOM weights
+(normal, std 0.02), built on the GPU in bf16, then quantized in memory through the quantizers a file would use
+(weights/quantize.py) to:
+- fp8: Qwen's block-FP8 (128 x 128 scales); the router, shared-expert gate, embedding and LM head stay bf16, as in
+  Qwen's FP8 releases (the loader's path from such a file is tested on a tiny checkpoint: tests/cuda).
+- q8_0: every matrix Q8_0 but the router and shared-expert gate (kept float by llama-quantize).
+- q4_k_m: llama-quantize's Q4_K_M mix: Q4_K, with Q6_K for the LM head and the routed and shared down projections
+  of layers i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2 (n = 8: layers 0, 3, 6, 7, the share the rule gives 48).
+Per format: decode step time at np = 1 and 64 (LLMEngine.step, CUDA graphs, overlap on) and its roofline (bytes
+read per step: every weight as held, routed experts as the expected number hit, E(1-(1-k/E)^np); states, KV,
+logits as bench_cuda; divided by the measured copy bandwidth), prefill tokens/s (4 x 1024), and the memory of the
+whole 48-layer model in that format (per-layer bytes of the 8 x 36/6 and 12/2, plus embedding and head).
+Kernels: the GEMV of each format on Qwen3-Next's weight shapes, bytes of the weight / time against copy bandwidth.
+
+Run: python benchmarks/bench_cuda_quant.py [--formats bf16 fp8 q8_0 q4_k_m] [--nps 1 64] [--no-kernels | --sweep]
+     [--no-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+
+import torch
+from triton.testing import do_bench
+
+from bench_cuda import CONFIGS, PREFILL, copy_bandwidth, ours_decode, prefill
+from common import commit
+from deltaserve import LLMEngine
+from deltaserve.config import ModelConfig
+from deltaserve.engine.batch import Segment
+from deltaserve.kernels.gpu_quant import PlanarWeight
+from deltaserve.kernels.triton import qlinear as ql
+from deltaserve.layers.linear import set_weight
+from deltaserve.layers.model import HybridModel
+from deltaserve.weights.loader import matrix_params
+from deltaserve.weights.quantize import quantize_model, quantize_planar
+
+FULL_LAYERS = 48
+FLOAT_KEPT = ("router.weight", "shared_gate.weight")  # never quantized by llama-quantize or Qwen's FP8
+
+
+def more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def fmt_of(fmt: str, cfg: ModelConfig):
+    def pick(name: str) -> str | None:
+        if fmt == "bf16" or name.endswith(FLOAT_KEPT):
+            return None
+        if fmt == "fp8":
+            return None if name.startswith(("embed.", "lm_head.")) else "fp8"
+        if fmt == "q8_0":
+            return "q8_0"
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
+        down = name.endswith(("experts_down", "shared.down.weight", "ffn.down.weight"))
+        return "q6_k" if name.startswith("lm_head.") or down and more_bits(layer, cfg.num_layers) else "q4_k"
+    return pick
+
+
+def random_model(name: str) -> tuple[HybridModel, ModelConfig]:
+    arch, overrides = CONFIGS[name]
+    cfg = ModelConfig.from_dict({**overrides, "model_type": arch})
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = HybridModel(cfg)
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            value = torch.randn(p.shape, device="cuda", dtype=torch.bfloat16) * 0.02
+            module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+    return model.eval(), cfg
+
+
+def held(model: HybridModel):
+    """(name, weight) of every parameter and quantized matrix the model holds (a tied one once)."""
+    seen = set()
+    for mname, module in model.named_modules():
+        for attr, value in vars(module).items():
+            items = value.items() if attr == "_parameters" else [(attr, value)] if isinstance(value, PlanarWeight) else []
+            for pname, w in items:
+                if w is not None and id(w) not in seen:
+                    seen.add(id(w))
+                    yield f"{mname}.{pname}".lstrip("."), w
+
+
+def nbytes(w) -> int:
+    return w.nbytes if isinstance(w, PlanarWeight) else w.numel() * w.element_size()
+
+
+def decode_bytes(model: HybridModel, cfg: ModelConfig, np_: int, ctx: int) -> float:
+    total = 0.0
+    for name, w in held(model):
+        n = nbytes(w)
+        if "experts_" in name:
+            n *= 1 - (1 - cfg.top_k / cfg.num_experts) ** np_
+        elif name == "embed.weight" and model.lm_head is not None:
+            n = np_ * n / w.shape[0]
+        total += n
+    state = cfg.num_v_heads * cfg.k_head_dim * cfg.v_head_dim * 4 + (cfg.conv_kernel - 1) * cfg.conv_dim * 2
+    kv_row = 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    return total + np_ * (len(cfg.gdn_layers) * 2 * state + len(cfg.attn_layers) * (ctx + 1) * kv_row +
+                          cfg.vocab_size * 4)
+
+
+def full_model_bytes(model: HybridModel, cfg: ModelConfig) -> float:
+    """The 48-layer model's weights: this model's per-layer bytes by kind, scaled to 36 GDN + 12 attention."""
+    per = {"linear_attention": [], "full_attention": []}
+    for i, kind in enumerate(cfg.layer_types):
+        per[kind].append(sum(nbytes(w) for _, w in held(model.layers[i])))
+    rest = sum(nbytes(w) for name, w in held(model) if not name.startswith("layers."))
+    return rest + 36 * sum(per["linear_attention"]) / len(per["linear_attention"]) + \
+        12 * sum(per["full_attention"]) / len(per["full_attention"])
+
+
+@torch.inference_mode()
+def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
+    saved = {name: getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+             for name in matrix_params(model)}
+    quantize_model(model, fmt_of(fmt, cfg))
+    torch.cuda.empty_cache()
+    res = {"format": fmt, "weights_gb": sum(nbytes(w) for _, w in held(model)) / 1e9,
+           "full_model_gb": full_model_bytes(model, cfg) / 1e9, "decode": []}
+    engine = LLMEngine(model, cfg, None, max_num_seqs=max(nps), max_model_len=PREFILL[1] + 64,
+                       max_num_batched_tokens=max(nps) * 128, device="cuda")
+    for np_ in nps:
+        t, ctx = ours_decode(engine, cfg.vocab_size, np_, overlap=True)
+        roof = decode_bytes(model, cfg, np_, ctx) / bandwidth
+        res["decode"].append({"np": np_, "ms": t * 1e3, "roof_ms": roof * 1e3, "ratio": t / roof})
+        print(fmt, res["decode"][-1], flush=True)
+    n, length = PREFILL
+    prompts = torch.randint(cfg.vocab_size, (n, length), generator=torch.Generator().manual_seed(2))
+    segs = [Segment(p, 0, s) for s, p in enumerate(prompts.tolist())]
+    res["prefill_tps"] = n * length / prefill(lambda: engine.runner.run(segs))
+    engine.cache = engine.runner = None  # the KV cache and states, before the next format's
+    for name, w in saved.items():
+        module_name, _, attr = name.rpartition(".")
+        set_weight(model.get_submodule(module_name), attr, w)
+    torch.cuda.empty_cache()
+    print(fmt, {k: v for k, v in res.items() if k != "decode"}, flush=True)
+    return res
+
+
+GEMV_SHAPES = [(12352, 2048), (2048, 4096), (1024, 2048), (2048, 512), (151936, 2048)]
+
+
+GEMV_VARIANTS = [(bn, bk, warps) for bn in (2, 4, 8) for bk in (512, 1024) for warps in (4, 8)]
+
+
+def kernels(bandwidth: float, sweep: bool) -> list[str]:
+    """GEMV (one bf16 row) per format and shape: weight bytes / time, against copy bandwidth; the default blocks,
+    or (sweep) every (BN, BK, warps) of GEMV_VARIANTS."""
+    lines = ["| format | N x K | BN, BK, warps | weight MB | us | GB/s | x copy bandwidth |",
+             "|---|---|---|---|---|---|---|"]
+    default = (ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS)
+    for fmt in ("fp8", "q8_0", "q4_k", "q6_k"):
+        for n, k in GEMV_SHAPES:
+            w = quantize_planar(torch.randn(n, k, device="cuda"), fmt)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            for variant in GEMV_VARIANTS if sweep else [default]:
+                ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS = variant
+                t = do_bench(lambda: ql.qlinear(x, w), warmup=25, rep=100, return_mode="median") / 1e3
+                lines.append(f"| {fmt} | {n} x {k} | {variant} | {w.nbytes / 1e6:.1f} | {t * 1e6:.1f} | "
+                             f"{w.nbytes / t / 1e9:.0f} | {w.nbytes / t / bandwidth:.2f} |")
+                print(lines[-1], flush=True)
+    ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS = default
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "q8_0", "q4_k_m"])
+    ap.add_argument("--nps", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time every GEMV block variant")
+    ap.add_argument("--no-model", action="store_true", help="the kernel table only")
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    head = (f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), torch "
+            f"{torch.__version__}, commit {commit()}, {datetime.date.today()}; qwen3-next-8l, random weights")
+    kernel_lines = [] if args.no_kernels else kernels(bandwidth, args.sweep)
+    if args.no_model:
+        print("\n".join([head, ""] + kernel_lines))
+        return
+    model, cfg = random_model("qwen3-next-8l")
+    results = []
+    for fmt in args.formats:
+        results.append(run_format(model, cfg, fmt, bandwidth, args.nps))
+        gc.collect()
+        torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    lines = [head, "", "| format | np | ms/step | tok/s | roofline ms | x roofline |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for d in r["decode"]:
+            lines.append(f"| {r['format']} | {d['np']} | {d['ms']:.3f} | {d['np'] / d['ms'] * 1e3:.0f} | "
+                         f"{d['roof_ms']:.3f} | {d['ratio']:.2f} |")
+    lines += ["", "| format | weights held (8 layers) GB | 48-layer model GB | fits this card's "
+              f"{total / 2**30:.1f} GiB | prefill 4x1024 t/s |", "|---|---|---|---|---|"]
+    for r in results:
+        fits = "yes" if r["full_model_gb"] * 1e9 < 0.95 * total else "no"
+        lines.append(f"| {r['format']} | {r['weights_gb']:.2f} | {r['full_model_gb']:.1f} | {fits} | "
+                     f"{r['prefill_tps']:.0f} |")
+    print("\n".join(lines + [""] + kernel_lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Products with quantized weights (PlanarWeight, kernels/gpu_quant.py) on CUDA: the tile dequantizer, a GEMV for one
+row and a GEMM (dequantize-in-tile, tensor cores) for more.
+
+Letters: T = activation rows, N = output features, K = inputs, BN/BK = the block of W one program reads per
+step, GS = values per scale along K. `w_tile` turns W[rows, k0:k0+BK] into float32 in registers from the
+format's planes (FMT: the index in gpu_quant.FORMATS), so only the quantized bytes cross HBM; the MoE kernels
+(moe.py) call it too. Rows past N are clamped to N - 1 (loads stay in bounds; their results are not stored).
+A row's result depends on its own x only: the K loop's order is the same at any T.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gpu_quant import FORMATS, PlanarSegment, PlanarWeight
+from .linear import linear as dense_linear
+
+
+@triton.jit
+def w_tile(q, s, q2, d, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr):
+    """float32 [BN, BK] = W[rows, k0:k0+BK] (rows [BN] int64 in bounds, K % BK == 0, BK % GS == 0)."""
+    r = rows[:, None]
+    BN: tl.constexpr = rows.shape[0]
+    if FMT == 0:  # plain
+        w = tl.load(q + r * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32)
+    else:
+        og = k0 // GS + tl.arange(0, BK // GS)[None, :]  # [1, BK/GS] group index along K
+        if FMT == 1:  # fp8: q * s[row // RB, k // 128]
+            codes = tl.load(q + r * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32)
+            scale = tl.load(s + (r // RB) * tl.cdiv(K, 128) + og * GS // 128)
+            offset = tl.zeros_like(scale)
+        elif FMT == 2:  # q8_0: q * s[k // 32]
+            codes = tl.load(q + r * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32)
+            scale = tl.load(s + r * (K // 32) + og).to(tl.float32)
+            offset = tl.zeros_like(scale)
+        else:  # the K-quants: 4 low bits two to a byte, then per-format high bits and scales
+            b = tl.load(q + r * (K // 2) + (k0 // 2 + tl.arange(0, BK // 2))[None, :])
+            low = tl.interleave(b & 15, b >> 4)  # [BN, BK] natural order
+            if FMT == 3:  # q4_k: d * sc * q - dmin * m
+                codes = low.to(tl.float32)
+                p_s = s + (r * (K // 32) + og) * 2
+                p_d = d + (r * (K // 256) + og // 8) * 2
+                scale = tl.load(p_d).to(tl.float32) * tl.load(p_s).to(tl.float32)
+                offset = tl.load(p_d + 1).to(tl.float32) * tl.load(p_s + 1).to(tl.float32)
+            else:  # q6_k: d * sc * (q - 32), the high 2 bits four to a byte
+                h = tl.load(q2 + r * (K // 4) + (k0 // 4 + tl.arange(0, BK // 4))[None, :])
+                high = tl.interleave(tl.interleave(h & 3, (h >> 4) & 3), tl.interleave((h >> 2) & 3, h >> 6))
+                codes = (low | (high << 4)).to(tl.int32).to(tl.float32) - 32.
+                scale = tl.load(d + r * (K // 256) + og // 16).to(tl.float32) * \
+                    tl.load(s + r * (K // 16) + og).to(tl.float32)
+                offset = tl.zeros_like(scale)
+        w = tl.reshape(codes, (BN, BK // GS, GS)) * scale[:, :, None] - offset[:, :, None]
+        w = tl.reshape(w, (BN, BK))
+    return w
+
+
+@triton.jit
+def qgemv_kernel(x, q, s, q2, d, out, N, K: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 GS: tl.constexpr, RB: tl.constexpr):
+    """out[n] = W[n] . x for one row x [K]."""
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tl.minimum(o_n, N - 1).to(tl.int64)
+    acc = tl.zeros([BN, BK], tl.float32)
+    for k0 in range(0, K, BK):
+        b_x = tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32)
+        acc += w_tile(q, s, q2, d, rows, k0, K, FMT, BK, GS, RB) * b_x[None, :]
+    tl.store(out + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
+
+
+@triton.jit
+def qgemm_kernel(x, stride_x, q, s, q2, d, out, stride_o, T, N, K: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr, PREC: tl.constexpr):
+    """out[t, n] = x[t] . W[n] for T rows: each [BN, BK] tile of W dequantized once for BM rows (tensor cores)."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    m_m = o_m < T
+    o_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows = tl.minimum(o_n, N - 1).to(tl.int64)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, K, BK):
+        b_x = tl.load(x + o_m[:, None].to(tl.int64) * stride_x + (k0 + tl.arange(0, BK))[None, :],
+                      mask=m_m[:, None], other=0.)
+        b_w = w_tile(q, s, q2, d, rows, k0, K, FMT, BK, GS, RB).to(b_x.dtype)
+        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PREC)
+    tl.store(out + o_m[:, None].to(tl.int64) * stride_o + o_n[None, :], acc.to(out.dtype.element_ty),
+             mask=m_m[:, None] & (o_n < N)[None, :])
+
+
+GROUP = {"plain": 1, "fp8": 128, "q8_0": 32, "q4_k": 32, "q6_k": 16}
+
+
+def kernel_args(seg: PlanarSegment, bk: int) -> tuple:
+    """(q, s, q2, d planes; FMT, GS, RB constants) of a segment for blocks of bk columns (planes a kernel does
+    not read are passed as q)."""
+    planes = [seg.q, seg.s if seg.s is not None else seg.q, seg.q2 if seg.q2 is not None else seg.q,
+              seg.d if seg.d is not None else seg.q]
+    return (*planes, FORMATS.index(seg.fmt), min(GROUP[seg.fmt], bk) if seg.fmt != "plain" else bk, seg.row_block)
+
+
+def block_k(fmt: str, k: int, most: int) -> int:
+    """The widest BK <= most dividing K that holds whole scale groups (0: none)."""
+    least = {"fp8": 16, "q8_0": 32, "q4_k": 32, "q6_k": 16}.get(fmt, 16)
+    return next((b for b in (1024, 512, 256, 128, 64, 32, 16) if b <= most and b >= least and k % b == 0), 0)
+
+
+GEMV_BN, GEMV_BK, GEMV_WARPS = 4, 1024, 4  # rows per program, columns per step, warps (bench_cuda_quant.py)
+GEMM_BN, GEMM_BK = 64, 64
+
+
+def qlinear(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w^T -> [T, N] in x's dtype: one launch per segment (plain segments: the dense path)."""
+    if w.col_perm is not None:
+        x = x[:, torch.argsort(w.col_perm)]  # the stored column order
+    x = x.contiguous()
+    t, k = x.shape
+    out = torch.empty(t, w.shape[-2], dtype=x.dtype, device=x.device) if out is None else out
+    n0 = 0
+    for seg in w.segments:
+        dst = out[:, n0:n0 + seg.rows]
+        if seg.fmt == "plain":
+            dst.copy_(dense_linear(x, seg.q))
+        else:
+            segment_product(x, seg, dst)
+        n0 += seg.rows
+    return out
+
+
+def segment_product(x: torch.Tensor, seg: PlanarSegment, out: torch.Tensor) -> None:
+    """out [T, rows] (rows contiguous, any row stride) = x [T, K] @ seg^T."""
+    t, k = x.shape
+    n = seg.rows
+    if t == 1:
+        bk = block_k(seg.fmt, k, GEMV_BK)
+        q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
+        qgemv_kernel[(triton.cdiv(n, GEMV_BN),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=GEMV_BN, BK=bk, GS=gs, RB=rb,
+                                                 num_warps=GEMV_WARPS)
+        return
+    bk = block_k(seg.fmt, k, GEMM_BK)
+    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
+    bm = 16 if t <= 16 else 64
+    qgemm_kernel[(triton.cdiv(t, bm), triton.cdiv(n, GEMM_BN))](
+        x, x.stride(0), q, s, q2, d, out, out.stride(0), t, n, K=k, FMT=fmt, BM=bm, BN=GEMM_BN, BK=bk, GS=gs, RB=rb,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)

@@ -60,7 +60,7 @@ def gguf_files(llama: Path, tools: Path, names: list[str]) -> dict[str, Path]:
 def ours(path: Path) -> dict:
     """Prefill t/s of one 128-token prompt; decode t/s after it with 1 and with 8 sequences (LLMEngine)."""
     from deltaserve import LLMEngine, SamplingParams
-    from deltaserve.engine.batch import Segment
+    from deltaserve.forward_batch import Segment
 
     engine = LLMEngine.from_pretrained(path, dtype="float32", max_num_seqs=8, max_model_len=512)
     run = engine.runner.run

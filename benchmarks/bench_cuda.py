@@ -36,7 +36,7 @@ import torch
 from common import commit
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
-from deltaserve.engine.batch import Segment
+from deltaserve.forward_batch import Segment
 from deltaserve.layers.model import HybridModel
 from deltaserve.weights.hf_layout import hf_recipes
 

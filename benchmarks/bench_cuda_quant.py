@@ -31,7 +31,7 @@ from bench_cuda import CONFIGS, PREFILL, copy_bandwidth, ours_decode, prefill
 from common import commit
 from deltaserve import LLMEngine
 from deltaserve.config import ModelConfig
-from deltaserve.engine.batch import Segment
+from deltaserve.forward_batch import Segment
 from deltaserve.kernels.gpu_quant import PlanarWeight
 from deltaserve.kernels.triton import qlinear as ql
 from deltaserve.layers.linear import set_weight

@@ -19,7 +19,7 @@ import torch
 
 from common import bench_checkpoint, commit, machine, timed
 from deltaserve import LLMEngine, SamplingParams
-from deltaserve.engine.batch import Segment
+from deltaserve.forward_batch import Segment
 
 PROMPT = list(range(100, 228))  # 128 tokens
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deltaserve.cache.slot_table import SlotTable
-from deltaserve.engine.batch import BatchError, Segment, build_batch, decompose_tokens
+from deltaserve.forward_batch import BatchError, Segment, build_batch
+from deltaserve.engine.batch import decompose_tokens
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence, Status
 from deltaserve.sampling.params import SamplingParams

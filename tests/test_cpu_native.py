@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from deltaserve import kernels
 from deltaserve.config import ModelConfig
-from deltaserve.engine.batch import Segment, build_batch
+from deltaserve.forward_batch import Segment, build_batch
 from deltaserve.kernels import cpu_native
 from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.cpu_packed import pack_for_cpu, pack_weights

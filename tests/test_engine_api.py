@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from deltaserve import LLM, SamplingParams
-from deltaserve.engine.batch import ForwardBatch, Segment
+from deltaserve.forward_batch import ForwardBatch, Segment
 from deltaserve.sampling.sampler import filter_logits
 from tiny_models import build_hf_model
 

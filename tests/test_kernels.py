@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltaserve.engine.batch import Segment, build_batch
+from deltaserve.forward_batch import Segment, build_batch
 from deltaserve.kernels.reference import causal_conv, gated_delta_rule, l2norm
 
 NUM_SLOTS = 12

@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from ..engine.batch import Segment
+from ..forward_batch import Segment
 from ..engine.llm_engine import LLMEngine
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from ..sampling.sampler import SampledRows, pick
-from .batch import BatchError, ForwardBatch, Segment, build_batch
+from ..forward_batch import BatchError, ForwardBatch, Segment, build_batch
 from .step_tokens import StepTokens
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)

@@ -15,7 +15,7 @@ from ..sampling.params import SamplingParams
 from ..sampling.sampler import sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..weights.loader import load_model
-from .batch import Segment
+from ..forward_batch import Segment
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence, Status

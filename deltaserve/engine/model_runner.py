@@ -8,7 +8,8 @@ from ..cache.state_cache import HybridCache
 from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from ..sampling.sampler import SampledRows, pick
-from .batch import BatchError, Segment, build_batch, decompose_tokens
+from ..forward_batch import BatchError, Segment, build_batch
+from .batch import decompose_tokens
 from .cuda_graphs import DecodeGraphs
 from .step_tokens import StepTokens
 

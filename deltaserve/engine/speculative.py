@@ -16,7 +16,7 @@ import torch
 
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import filter_logits
-from .batch import Segment
+from ..forward_batch import Segment
 from .model_runner import ModelRunner
 from .sequence import Sequence
 

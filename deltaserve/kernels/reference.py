@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.batch import ForwardBatch, SegmentGroup
+from ..forward_batch import ForwardBatch, SegmentGroup
 
 CHUNK = 64  # chunk length of the chunked delta rule
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from ..engine.batch import ForwardBatch
+from ..forward_batch import ForwardBatch
 from .linear import Linear
 from .norm import GatedRMSNorm
 

@@ -11,7 +11,7 @@ from torch import nn
 from .. import kernels
 from ..cache.state_cache import HybridCache
 from ..config import ModelConfig
-from ..engine.batch import ForwardBatch
+from ..forward_batch import ForwardBatch
 from .attention import GatedAttention
 from .feed_forward import MLP, SparseMoE
 from .gated_deltanet import GatedDeltaNet

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from .. import LLM, SamplingParams
 from ..cache.state_cache import HybridCache
-from ..engine.batch import Segment, build_batch
+from ..forward_batch import Segment, build_batch
 from ..layers.model import HybridModel
 from ..weights.loader import load_model
 from .data import read_text, source_files

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..cache.state_cache import HybridCache
 from ..config import ModelConfig
-from ..engine.batch import Segment, build_batch
+from ..forward_batch import Segment, build_batch
 from ..layers.feed_forward import SparseMoE
 from ..layers.model import HybridModel
 from .data import EOS, IM_END, sample_windows, source_files, token_stream, train_tokenizer

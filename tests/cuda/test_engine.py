@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from deltaserve import LLMEngine, SamplingParams  # noqa: E402
-from deltaserve.engine.batch import Segment  # noqa: E402
+from deltaserve.forward_batch import Segment  # noqa: E402
 from drive import drive  # noqa: E402
 
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from deltaserve import kernels  # noqa: E402
-from deltaserve.engine.batch import Segment, build_batch  # noqa: E402
+from deltaserve.forward_batch import Segment, build_batch  # noqa: E402
 from deltaserve.kernels import reference  # noqa: E402
 from deltaserve.kernels.triton.attention import decode_attention, store_kv  # noqa: E402
 from deltaserve.layers.feed_forward import SparseMoE  # noqa: E402

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from deltaserve import kernels  # noqa: E402
-from deltaserve.engine.batch import Segment, build_batch  # noqa: E402
+from deltaserve.forward_batch import Segment, build_batch  # noqa: E402
 from deltaserve.kernels.triton.conv import causal_conv  # noqa: E402
 from deltaserve.kernels.triton.recurrent import gdn_recurrent  # noqa: E402
 

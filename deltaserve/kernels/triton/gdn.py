@@ -1,7 +1,7 @@
 """A Gated DeltaNet layer's state work on CUDA: conv window, gating and delta rule, all by slot.
 
 Letters: T = tokens, N = segments, C = conv channels, Hk/H = QK/V heads, Dk/Dv = head dims, S = pool slots.
-Segments come decodes first, then speculative verifies, then prefill chunks (engine/batch.py):
+Segments come decodes first, then speculative verifies, then prefill chunks (forward_batch.py):
 - decode + verify segments: one launch of the fused recurrent kernel, states updated in place;
 - prefill segments: one launch of fla's chunked kernel over all of them with cu_seqlens, initial
   states read from their slots (zero on reset) and final states written back to them.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...engine.batch import ForwardBatch
+from ...forward_batch import ForwardBatch
 from .conv import causal_conv
 from .recurrent import gdn_recurrent
 

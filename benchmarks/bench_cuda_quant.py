@@ -143,10 +143,10 @@ def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
     return res
 
 
-GEMV_SHAPES = [(12352, 2048), (2048, 4096), (1024, 2048), (2048, 512), (151936, 2048)]
+GEMV_SHAPES = [(12352, 2048), (2048, 4096), (2048, 512), (151936, 2048)]
 
 
-GEMV_VARIANTS = [(bn, bk, warps) for bn in (2, 4, 8) for bk in (512, 1024) for warps in (4, 8)]
+GEMV_VARIANTS = [(bn, bk, 4) for bn in (2, 4, 8) for bk in (512, 1024)] + [(8, 1024, 8)]
 
 
 def kernels(bandwidth: float, sweep: bool) -> list[str]:

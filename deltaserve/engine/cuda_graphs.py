@@ -19,6 +19,7 @@ import dataclasses
 import torch
 
 from ..sampling.sampler import SampledRows, pick
+from .. import kernels
 from ..forward_batch import BatchError, ForwardBatch, Segment, build_batch
 from .step_tokens import StepTokens
 
@@ -109,12 +110,10 @@ class DecodeGraphs:
                                    reset=reset, groups=[group])
 
     def _forward(self, batch: ForwardBatch) -> None:
-        from ..kernels.triton.linear import linear
-
         size = batch.slots.shape[0]
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
-        logits = linear(model(batch, self.cache), model.head_weight, out=self.logits[:size])  # as HybridModel.logits  # straight into the static buffer
+        logits = kernels.linear(model(batch, self.cache), model.head_weight, out=self.logits[:size])  # as HybridModel.logits, into the static buffer
         torch.argmax(logits, dim=-1, out=self.tokens[:size])
 
     @torch.inference_mode()

@@ -23,22 +23,27 @@ __all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "
            "swiglu_gemv"]
 
 
-def linear(x: torch.Tensor, weight) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight^T -> [..., N]. Packed CPU weights: the native kernels (float32 x); QuantizedWeight: its
-    torch reference (float32 out); CUDA without autograd: the Triton GEMV for one bf16/fp16 row, else cuBLAS;
-    otherwise F.linear, a weight stored in another float dtype (bf16 kept as stored) cast to x's."""
+    torch reference (float32 out); PlanarWeight: the Triton kernels on CUDA, its torch reference elsewhere; CUDA
+    without autograd: the Triton GEMV for one bf16/fp16 row, else cuBLAS; otherwise F.linear, a weight stored in
+    another float dtype (bf16 kept as stored) cast to x's. out: a [T, N] destination (CUDA, 2-D x only)."""
+    if x.is_cuda and not torch.is_grad_enabled():
+        rows = x.reshape(-1, x.shape[-1])
+        if isinstance(weight, PlanarWeight):
+            from .triton.qlinear import qlinear
+            y = qlinear(rows, weight, out)
+        else:
+            from .triton.linear import linear as cuda_linear
+            y = cuda_linear(rows, weight, out)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    assert out is None, "linear(out=...) is for CUDA"
     if cpu_native.is_packed(weight):
         return cpu_native.linear(x, weight)
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight).to(x.dtype)
     if isinstance(weight, PlanarWeight):
-        if x.is_cuda:
-            from .triton.qlinear import qlinear
-            return qlinear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-2])
         return F.linear(x.float(), weight.dequantize()).to(x.dtype)  # the torch reference (CPU tests)
-    if x.is_cuda and not torch.is_grad_enabled():
-        from .triton.linear import linear as cuda_linear
-        return cuda_linear(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight.to(x.dtype))
 
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from ..gpu_quant import PlanarWeight
 from .linear import gemv_block, gemv_rows, pdl
 from .moe_route import combine_kernel, linear, route, stack_args
-from .qlinear import block_k, w_tile
+from .qlinear import block_k, dot_step
 from .rowwise import gate_mul
 
 
@@ -29,7 +29,7 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
     GATED: x = tokens, out[p] = SiLU(x[t] W_gate^T) * (x[t] W_up^T) (W rows [gate (N) | up (N)]);
     else x = those [P + T, K] rows, out[p] = (x[p] W^T) * scale[p] (routed; the shared row is left unscaled).
     PDL: launched early; waits for the previous kernel before reading anything (the expert ids come from it).
-    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.w_tile); no shared programs then."""
+    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); no shared programs then."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -46,19 +46,25 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
     m_n = o_n < N
     p_w = base + o_n[:, None].to(tl.int64) * sn
     p_u = base + (N + o_n)[:, None].to(tl.int64) * sn
-    rows = e * (2 * N if GATED else N) + tl.minimum(o_n, N - 1)  # quantized: rows of the stack
-    acc = tl.zeros([BN, BK], tl.float32)
-    acc_u = tl.zeros([BN, BK], tl.float32)
-    for k0 in range(0, K, BK):  # K % BK == 0
-        o_k = k0 + tl.arange(0, BK)
-        b_x = tl.load(x + src * stride_x + o_k).to(tl.float32)[None, :]
-        if FMT == 0:
+    if FMT == 0:
+        acc = tl.zeros([BN, BK], tl.float32)
+        acc_u = tl.zeros([BN, BK], tl.float32)
+        for k0 in range(0, K, BK):  # K % BK == 0
+            o_k = k0 + tl.arange(0, BK)
+            b_x = tl.load(x + src * stride_x + o_k).to(tl.float32)[None, :]
             acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED)
-        else:
-            acc += w_tile(w, qs, q2, qd, rows, k0, K, FMT, BK, GS, RB) * b_x
+        y = gemv_rows(acc, acc_u, GATED)
+    else:  # quantized: per-group dots (qlinear.dot_step) over rows of the stack
+        rows = e * (2 * N if GATED else N) + tl.minimum(o_n, N - 1)
+        acc = tl.zeros([BN, BK // GS], tl.float32)
+        acc_u = tl.zeros([BN, BK // GS], tl.float32)
+        for k0 in range(0, K, BK):
+            acc += dot_step(w, qs, q2, qd, x + src * stride_x, rows, k0, K, FMT, BK, GS, RB)
             if GATED:
-                acc_u += w_tile(w, qs, q2, qd, rows + N, k0, K, FMT, BK, GS, RB) * b_x
-    y = gemv_rows(acc, acc_u, GATED)
+                acc_u += dot_step(w, qs, q2, qd, x + src * stride_x, rows + N, k0, K, FMT, BK, GS, RB)
+        y = tl.sum(acc, axis=1)
+        if GATED:
+            y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
     if not GATED:
         y = y * tl.load(scale + p, mask=p < P, other=1.)
     tl.store(out + p.to(tl.int64) * N + o_n, y.to(out.dtype.element_ty), mask=m_n)

@@ -73,38 +73,41 @@ def dot_step(q, s, q2, d, x, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, G
     g = tl.arange(0, BK // GS)[None, :, None]
     og = k0 // GS + tl.arange(0, BK // GS)[None, :]  # [1, BK/GS] group index along K
     if FMT == 0:  # plain: GS = 1
-        return tl.load(q + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32) * \
+        out = tl.load(q + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32) * \
             tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32)[None, :]
-    if FMT == 1 or FMT == 2:  # fp8, q8_0: one code per byte
+    elif FMT <= 2:  # fp8, q8_0: one code per byte
         j = tl.arange(0, GS)[None, None, :]
         b = tl.load(q + r * K + k0 + g * GS + j)  # [BN, BK/GS, GS]
         xg = tl.reshape(tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32), (1, BK // GS, GS))
         if FMT == 1:
-            dot = tl.sum(b.to(tl.float32) * xg, axis=2)
-            scale = tl.load(s + (rows[:, None] // RB) * tl.cdiv(K, 128) + og * GS // 128)
+            out = tl.sum(b.to(tl.float32) * xg, axis=2) * \
+                tl.load(s + (rows[:, None] // RB) * tl.cdiv(K, 128) + og * GS // 128)
         else:
-            dot = tl.sum((small_int(b.to(tl.int32) + 128) - 128.) * xg, axis=2)
-            scale = tl.load(s + rows[:, None] * (K // 32) + og).to(tl.float32)
-        return dot * scale
-    j = tl.arange(0, GS // 2)[None, None, :]
-    b = tl.load(q + r * (K // 2) + k0 // 2 + g * (GS // 2) + j)  # [BN, BK/GS, GS/2]: values 2j | 2j+1
-    xe, xo = tl.split(tl.reshape(tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32), (1, BK // GS, GS // 2, 2)))
-    lo, hi = b & 15, b >> 4
-    if FMT == 4:  # q6_k: the high 2 bits of value v at bits 2 (v % 4) of q2 byte v // 4
-        h = tl.load(q2 + r * (K // 4) + k0 // 4 + g * (GS // 4) + j // 2).to(tl.int32)
-        sh = (j % 2) * 4
-        lo = lo.to(tl.int32) | (((h >> sh) & 3) << 4)
-        hi = hi.to(tl.int32) | (((h >> (sh + 2)) & 3) << 4)
-    dot = tl.sum(small_int(lo) * xe + small_int(hi) * xo, axis=2)  # [BN, BK/GS]
-    xsum = tl.sum(xe + xo, axis=2)  # [1, BK/GS]
-    if FMT == 3:  # q4_k: d * sc * dot - dmin * m * sum(x)
-        p_s = s + (rows[:, None] * (K // 32) + og) * 2
-        p_d = d + (rows[:, None] * (K // 256) + og // 8) * 2
-        return tl.load(p_d).to(tl.float32) * tl.load(p_s).to(tl.float32) * dot - \
-            tl.load(p_d + 1).to(tl.float32) * tl.load(p_s + 1).to(tl.float32) * xsum
-    scale = tl.load(d + rows[:, None] * (K // 256) + og // 16).to(tl.float32) * \
-        tl.load(s + rows[:, None] * (K // 16) + og).to(tl.float32)
-    return scale * (dot - 32. * xsum)  # q6_k: d * sc * (q - 32)
+            out = tl.sum((small_int(b.to(tl.int32) + 128) - 128.) * xg, axis=2) * \
+                tl.load(s + rows[:, None] * (K // 32) + og).to(tl.float32)
+    else:
+        j = tl.arange(0, GS // 2)[None, None, :]
+        b = tl.load(q + r * (K // 2) + k0 // 2 + g * (GS // 2) + j)  # [BN, BK/GS, GS/2]: values 2j | 2j+1
+        xx = tl.reshape(tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32), (1, BK // GS, GS // 2, 2))
+        xe, xo = tl.split(xx)
+        lo = (b & 15).to(tl.int32)
+        hi = (b >> 4).to(tl.int32)
+        if FMT == 4:  # q6_k: the high 2 bits of value v at bits 2 (v % 4) of q2 byte v // 4
+            h = tl.load(q2 + r * (K // 4) + k0 // 4 + g * (GS // 4) + j // 2).to(tl.int32)
+            sh = (j % 2) * 4
+            lo = lo | (((h >> sh) & 3) << 4)
+            hi = hi | (((h >> (sh + 2)) & 3) << 4)
+        dot = tl.sum(small_int(lo) * xe + small_int(hi) * xo, axis=2)  # [BN, BK/GS]
+        xsum = tl.sum(xe + xo, axis=2)  # [1, BK/GS]
+        if FMT == 3:  # q4_k: d * sc * dot - dmin * m * sum(x)
+            p_s = s + (rows[:, None] * (K // 32) + og) * 2
+            p_d = d + (rows[:, None] * (K // 256) + og // 8) * 2
+            out = tl.load(p_d).to(tl.float32) * tl.load(p_s).to(tl.float32) * dot - \
+                tl.load(p_d + 1).to(tl.float32) * tl.load(p_s + 1).to(tl.float32) * xsum
+        else:  # q6_k: d * sc * (q - 32)
+            out = tl.load(d + rows[:, None] * (K // 256) + og // 16).to(tl.float32) * \
+                tl.load(s + rows[:, None] * (K // 16) + og).to(tl.float32) * (dot - 32. * xsum)
+    return out
 
 
 @triton.jit

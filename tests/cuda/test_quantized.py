@@ -29,7 +29,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("t", [1, 3, 17, 64])
+@pytest.mark.parametrize("t", [1, 17])
 @pytest.mark.parametrize("n,k", [(40, 512), (2048, 2048), (130, 256)], ids=str)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_qlinear_matches_reference(fmt, n, k, t, dtype, check):
@@ -125,7 +125,7 @@ def test_quantized_model_logits_and_solo_equality(models, name, check):
         eng = LLMEngine(model, cfg, None, max_num_seqs=np_, max_model_len=256, max_num_batched_tokens=128,
                         device="cuda")
         requests = [(f"r{i}", [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, 40))],
-                     SamplingParams(max_tokens=8, temperature=0), rng.randint(0, 4), None) for i in range(2 * np_)]
+                     SamplingParams(max_tokens=6, temperature=0), rng.randint(0, 4), None) for i in range(np_ + 2)]
         together = drive(eng, requests)
         for rid, prompt, params, _, _ in requests:
             assert together[rid][0] == drive(eng, [(rid + "s", prompt, params, 0, None)])[rid + "s"][0], rid

@@ -29,6 +29,13 @@ def test_generate_json_matches_the_engine(model, capsys):
     assert out["timing"]["generated_tokens"] == 6 and out["timing"]["generation_tokens_per_second"] > 0
 
 
+def test_generate_tensor_parallel(model, capsys):
+    """-tp 2: the model split over this process and a worker (gloo); the same tokens as one process."""
+    out = run_json(capsys, "generate", "-m", model, "-tp", "2", "--prompt-ids", "1,2,3", "-n", "6", "--temp", "0")
+    ref = LLM(model, dtype="float32").generate([[1, 2, 3]], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert out["outputs"][0]["token_ids"] == ref.token_ids
+
+
 def test_generate_parallel_seeded(model, capsys):
     argv = ["generate", "-m", model, "--prompt-ids", "4,5", "-n", "5", "-np", "3", "--seed", "7", "--temp", "1"]
     a, b = run_json(capsys, *argv), run_json(capsys, *argv)

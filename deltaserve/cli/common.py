@@ -21,6 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype of the weights (default float32; recurrent state is always float32)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                   help="processes the model is split over by heads (gloo on the CPU, NCCL on CUDA; default 1)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
@@ -34,7 +36,8 @@ def make_engine(args: argparse.Namespace, **limits) -> LLMEngine:
         torch.set_num_threads(args.threads)
     if not (Path(args.model) / "config.json").is_file() and not str(args.model).endswith(".gguf"):
         raise SystemExit(f"deltaserve: no model at {args.model} (expected a checkpoint directory or a .gguf file)")
-    return LLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype, **limits)
+    return LLMEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                     tensor_parallel_size=args.tensor_parallel_size, **limits)
 
 
 def emit_json(obj: dict) -> None:

@@ -14,7 +14,9 @@ from ..cache.state_cache import HybridCache
 from ..sampling.params import SamplingParams
 from ..sampling.sampler import sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..weights.loader import load_model
+from ..parallel.shard import shard_config
+from ..parallel.workers import MirroredRunner, start_group
+from ..weights.loader import load_model, open_checkpoint
 from ..forward_batch import Segment
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
@@ -66,10 +68,12 @@ class LLMEngine:
     def __init__(self, model, cfg, tokenizer: Tokenizer | None = None, *, max_num_seqs: int = 16,
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None,
                  extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
-                 overlap_decode: bool | None = None):
+                 overlap_decode: bool | None = None, tp_group=None):
         """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
-        the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA."""
+        the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
+        tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
+        (from_pretrained(..., tensor_parallel_size=N) starts them); every runner call then runs on all ranks."""
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = torch.device(device)
         self.max_model_len = max_model_len
@@ -79,6 +83,9 @@ class LLMEngine:
         self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device,
                                  extra_state_slots + max_num_seqs * spec_tokens, mtp_layers)
         self.runner = ModelRunner(model, self.cache, self.device)
+        if tp_group is not None:
+            model.set_tensor_parallel(tp_group)
+            self.runner = MirroredRunner(self.runner, tp_group)
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
         self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
@@ -86,13 +93,22 @@ class LLMEngine:
         self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens))
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
-        self.overlap_decode = self.device.type == "cuda" if overlap_decode is None else overlap_decode
+        # overlapped steps hand the next step a device tensor and an event: not across processes (tensor parallel)
+        self.overlap_decode = (self.device.type == "cuda" and tp_group is None) if overlap_decode is None \
+            else overlap_decode
         self.in_flight: InFlight | None = None  # a launched decode step whose tokens are not read yet
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto", **kwargs) -> "LLMEngine":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str = "auto",
+                        tensor_parallel_size: int = 1, **kwargs) -> "LLMEngine":
+        """tensor_parallel_size N > 1: N processes (this one rank 0), each holding its shard (parallel/shard.py);
+        gloo on the CPU, NCCL on CUDA."""
         torch_dtype = _resolve_dtype(path, dtype, torch.device(device))
-        model, cfg = load_model(path, torch_dtype, device)
+        if tensor_parallel_size > 1:
+            ckpt_cfg = open_checkpoint(path)[1]
+            shard_config(ckpt_cfg, tensor_parallel_size)  # a size that does not divide the heads fails here, alone
+            kwargs["tp_group"] = start_group(path, device, torch_dtype, tensor_parallel_size, dict(kwargs))
+        model, cfg = load_model(path, torch_dtype, device, tp=(0, tensor_parallel_size))
         return cls(model, cfg, load_tokenizer(path), device=device, **kwargs)
 
     def memory_report(self) -> str:

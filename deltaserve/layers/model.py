@@ -27,6 +27,7 @@ class DecoderLayer(nn.Module):
         self.mixer = GatedDeltaNet(cfg) if kind == "linear_attention" else GatedAttention(cfg)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = SparseMoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.tp = None  # a tensor-parallel group: the mixer's and the FFN's outputs are partial sums over it
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 layer_cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,12 +35,15 @@ class DecoderLayer(nn.Module):
         is to be added to (None for the first layer). Returns (this layer's FFN output, the residual stream it is
         to be added to): each residual add happens inside the next norm (one kernel for add + norm, as vLLM's
         layers pass the residual)."""
-        fused = kernels.decoder_layer_decode(x, residual, self, layer_cache, batch)  # float32 CPU, 1-2 sequences
-        if fused is not None:
-            return fused
+        if self.tp is None:  # float32 CPU, 1-2 sequences: one native call (its out-projection adds the residual)
+            if (fused := kernels.decoder_layer_decode(x, residual, self, layer_cache, batch)) is not None:
+                return fused
         stream, h = (x, self.input_norm(x)) if residual is None else kernels.add_rms_norm(residual, x, self.input_norm)
-        stream, h = kernels.add_rms_norm(stream, self.mixer(h, batch, layer_cache), self.post_norm)
-        return self.ffn(h), stream
+        stream, h = kernels.add_rms_norm(stream, self._summed(self.mixer(h, batch, layer_cache)), self.post_norm)
+        return self._summed(self.ffn(h)), stream
+
+    def _summed(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
 
 class MTPHead(nn.Module):
@@ -86,6 +90,12 @@ class HybridModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, batch, cache.layer(i))
         return kernels.add_rms_norm(residual, x, self.norm)[1]
+
+    def set_tensor_parallel(self, group) -> None:
+        """This model is one rank's shard (weights/loader.py, tp=...): its layers sum their outputs over group."""
+        for module in self.modules():
+            if isinstance(module, DecoderLayer):
+                module.tp = group
 
     @property
     def head_weight(self):

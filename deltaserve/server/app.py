@@ -44,6 +44,7 @@ class ServerConfig:
     dtype: str = "auto"
     spec_tokens: int = 0  # MTP speculative decoding: drafts per step
     overlap_decode: bool | None = None  # decode steps launched before the last one's tokens are read (None: CUDA)
+    tensor_parallel_size: int = 1  # processes the model is split over
 
     @property
     def model_name(self) -> str:
@@ -58,7 +59,8 @@ def create_app(config: ServerConfig, make_engine: Callable[[], LLMEngine] | None
             return LLMEngine.from_pretrained(
                 config.model, device=config.device, dtype=config.dtype, max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-                spec_tokens=config.spec_tokens, overlap_decode=config.overlap_decode)
+                spec_tokens=config.spec_tokens, overlap_decode=config.overlap_decode,
+                tensor_parallel_size=config.tensor_parallel_size)
     engine = EngineLoop(make_engine, config.max_queue, on_load_failure)
     tokenizer = load_tokenizer(config.model)
     if Path(config.model).is_dir():

@@ -21,6 +21,7 @@ from ..layers.feed_forward import SparseMoE
 from ..layers.linear import Embedding, Linear, set_weight
 from ..layers.model import HybridModel
 from .hf_layout import hf_recipes
+from ..parallel.shard import shard_config, shard_param
 from .fp8 import combine_fp8
 from .rows import combine_rows
 
@@ -43,9 +44,11 @@ def open_checkpoint(path: str | Path):
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               planar: bool | None = None):
+               planar: bool | None = None, tp: tuple[int, int] = (0, 1)):
     """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them.
-    planar: quantized matrices as PlanarWeights (default: on CUDA; on the CPU they then run the torch reference)."""
+    planar: quantized matrices as PlanarWeights (default: on CUDA; on the CPU they then run the torch reference).
+    tp = (rank, size): the rank's shard of a tensor-parallel model (parallel/shard.py) and its config; weights
+    then load as float tensors of dtype, one full tensor at a time."""
     ckpt, cfg = open_checkpoint(path)
     names = ckpt.names()
     mtp_layers = len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
@@ -59,10 +62,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         if ckpt.shape(name) != shape:
             raise CheckpointError(f"{path}: tensor '{name}' has shape {list(ckpt.shape(name))}, expected {list(shape)}")
 
+    rank, size = tp
+    full_cfg, cfg = cfg, shard_config(cfg, size) if size > 1 else cfg
     with torch.device("meta"):
         model = HybridModel(cfg, mtp_layers)
-    as_stored = torch.device(device).type == "cpu" and dtype == torch.float32
-    planar = torch.device(device).type == "cuda" if planar is None else planar
+    as_stored = torch.device(device).type == "cpu" and dtype == torch.float32 and size == 1
+    planar = torch.device(device).type == "cuda" and size == 1 if planar is None else planar
     as_stored = as_stored and not planar
     matrices = matrix_params(model) if as_stored or planar else set()
     state, kept = {}, {}
@@ -79,6 +84,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                 continue
         else:
             weight = recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
+        if size > 1:
+            weight = shard_param(param, weight, full_cfg, rank, size)
         state[param] = weight.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     for param, weight in kept.items():

@@ -9,6 +9,7 @@ import torch
 
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
+from deltaserve.forward_batch import BatchError, Segment
 from deltaserve.parallel.shard import ShardError, _kv_heads, shard_config
 from tiny_models import ARCHS, add_mtp_weights, save_hf_model
 
@@ -75,3 +76,12 @@ def test_tp2_with_mtp_speculation_matches_tp1(tmp_path):
     # every verify settles the slot on its accepted state (cache.copy_state): a call mirrored to the worker too
     assert two.stats.draft_tokens == one.stats.draft_tokens > 0
     assert two.stats.accepted_tokens == one.stats.accepted_tokens
+
+
+def test_a_bad_batch_fails_alone_on_every_rank(tiny_dirs):
+    """The worker gets the bad call too, fails alike and waits for the next one: the engine keeps serving."""
+    two = LLMEngine.from_pretrained(tiny_dirs["qwen3_5"], max_num_seqs=4, tensor_parallel_size=2, **KW)
+    with pytest.raises(BatchError, match="slot 9 has no KV row"):
+        two.runner.run([Segment([1, 2], 0, 9)])
+    one = LLMEngine.from_pretrained(tiny_dirs["qwen3_5"], max_num_seqs=4, **KW)
+    assert greedy(two, 3) == greedy(one, 3)

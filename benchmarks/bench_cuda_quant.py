@@ -79,7 +79,10 @@ def held(model: HybridModel):
     seen = set()
     for mname, module in model.named_modules():
         for attr, value in vars(module).items():
-            items = value.items() if attr == "_parameters" else [(attr, value)] if isinstance(value, PlanarWeight) else []
+            if attr == "_parameters":
+                items = value.items()
+            else:
+                items = [(attr, value)] if isinstance(value, PlanarWeight) else []
             for pname, w in items:
                 if w is not None and id(w) not in seen:
                     seen.add(id(w))

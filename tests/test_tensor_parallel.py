@@ -10,7 +10,10 @@ import torch
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
 from deltaserve.forward_batch import BatchError, Segment
-from deltaserve.parallel.shard import ShardError, _kv_heads, shard_config
+from deltaserve.parallel.shard import ShardError, _kv_heads, shard_config, shard_param
+from deltaserve.weights.hf_layout import hf_recipes
+from deltaserve.weights.loader import open_checkpoint
+from deltaserve.weights.shard_read import read_shard
 from tiny_models import ARCHS, add_mtp_weights, save_hf_model
 
 KW = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=64)
@@ -32,6 +35,35 @@ def test_kv_heads_replicate_beyond_their_count():
     rows = torch.arange(2 * 3).view(2 * 3, 1)  # 2 KV heads of 3 rows
     assert [_kv_heads(rows, 2, r, 4)[:, 0].tolist() for r in range(4)] == [[0, 1, 2]] * 2 + [[3, 4, 5]] * 2
     assert [_kv_heads(rows, 2, r, 2)[:, 0].tolist() for r in range(2)] == [[0, 1, 2], [3, 4, 5]]
+
+
+def fused_experts(src, dst):
+    """A copy of a MoE checkpoint with its experts stored fused ([E, 2I, D] gate_up, [E, D, I] down), as
+    transformers' newer MoE checkpoints store them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    for layer in sorted({n.split(".experts.")[0] for n in t if ".experts." in n}):
+        e = len({n for n in t if n.startswith(layer + ".experts.") and n.endswith("down_proj.weight")})
+        pop = t.pop
+        t[layer + ".experts.gate_up_proj"] = torch.stack(
+            [torch.cat([pop(f"{layer}.experts.{x}.{p}_proj.weight") for p in ("gate", "up")]) for x in range(e)])
+        t[layer + ".experts.down_proj"] = torch.stack([t.pop(f"{layer}.experts.{x}.down_proj.weight") for x in range(e)])
+    save_file(t, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_each_rank_reads_exactly_its_shard(tiny_dirs, tmp_path):
+    """weights/shard_read.py (runs of rows, column ranges) against cutting the fully read parameter."""
+    for path in [*tiny_dirs.values(), fused_experts(tiny_dirs["qwen3_5_moe"], tmp_path / "fused")]:
+        ckpt, cfg = open_checkpoint(path)
+        for param, recipe in hf_recipes(cfg, ckpt.names(), 0).items():
+            full = recipe.combine([ckpt.get(n) for n, _ in recipe.sources])
+            for rank in range(2):
+                want = shard_param(param, full, cfg, rank, 2)
+                assert torch.equal(read_shard(ckpt, recipe, param, cfg, rank, 2), want)
 
 
 def score(engine: LLMEngine) -> list[torch.Tensor]:

@@ -113,7 +113,8 @@ class DecodeGraphs:
         size = batch.slots.shape[0]
         torch.eq(batch.positions, 0, out=batch.reset)  # a sequence at position 0 starts from a zero state
         model = self.model
-        logits = kernels.linear(model(batch, self.cache), model.head_weight, out=self.logits[:size])  # as HybridModel.logits, into the static buffer
+        # as HybridModel.logits, straight into the static buffer
+        logits = kernels.linear(model(batch, self.cache), model.head_weight, out=self.logits[:size])
         torch.argmax(logits, dim=-1, out=self.tokens[:size])
 
     @torch.inference_mode()

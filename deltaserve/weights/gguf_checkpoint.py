@@ -49,6 +49,10 @@ class GGUFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._sources[name].shape
 
+    def reads_rows(self, name: str) -> bool:
+        """GGUF tensors are rebuilt whole (llama.cpp's conventions undone), so a shard is cut after reading."""
+        return False
+
     def get(self, name: str) -> torch.Tensor:
         """The HF tensor `name` in float32, rebuilt from its dequantized GGUF parts."""
         src = self._sources[name]

@@ -21,9 +21,10 @@ from ..layers.feed_forward import SparseMoE
 from ..layers.linear import Embedding, Linear, set_weight
 from ..layers.model import HybridModel
 from .hf_layout import hf_recipes
-from ..parallel.shard import shard_config, shard_param
+from ..parallel.shard import shard_config
 from .fp8 import combine_fp8
 from .rows import combine_rows
+from .shard_read import read_shard
 
 log = logging.getLogger(__name__)
 from .safetensors_dir import CheckpointError, SafetensorsDir
@@ -48,7 +49,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them.
     planar: quantized matrices as PlanarWeights (default: on CUDA; on the CPU they then run the torch reference).
     tp = (rank, size): the rank's shard of a tensor-parallel model (parallel/shard.py) and its config; weights
-    then load as float tensors of dtype, one full tensor at a time."""
+    then load as float tensors of dtype, each rank reading its rows and columns only (weights/shard_read.py)."""
     ckpt, cfg = open_checkpoint(path)
     names = ckpt.names()
     mtp_layers = len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
@@ -82,10 +83,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             if isinstance(weight, QuantizedWeight) or weight.dtype != dtype:
                 kept[param] = weight.contiguous() if isinstance(weight, torch.Tensor) else weight
                 continue
+        elif size > 1:
+            weight = read_shard(ckpt, recipe, param, full_cfg, rank, size)
         else:
             weight = recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
-        if size > 1:
-            weight = shard_param(param, weight, full_cfg, rank, size)
         state[param] = weight.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     for param, weight in kept.items():

@@ -108,6 +108,30 @@ class SafetensorsDir:
                                   f"{-(-k // 128)}] scales")
         return codes, scale
 
+    def reads_rows(self, name: str) -> bool:
+        """Whether get_rows serves name (plain tensors; FP8 blocks are read whole)."""
+        return name not in self._scales
+
+    def get_rows(self, name: str, rows: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Rows `rows` (ascending, numbered over the leading dims) of tensor name, columns cols: [len(rows), C],
+        read run by run of consecutive rows (only those bytes leave the file)."""
+        fname, raw = self._where[name]
+        view = self._handles[fname].get_slice(raw)
+        per = self._shape[name][-2] if len(self._shape[name]) == 3 else None  # rows per leading index
+        out, rows = [], rows.tolist()
+        i = 0
+        while i < len(rows):
+            j = i
+            while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1 and (per is None or rows[j + 1] % per):
+                j += 1
+            a, b = rows[i], rows[j] + 1
+            if per is None:
+                out.append(view[a:b, cols])
+            else:  # a run inside one leading index (runs break where it changes)
+                out.append(view[a // per:a // per + 1, a % per:(b - 1) % per + 1, cols][0])
+            i = j + 1
+        return torch.cat(out)
+
     def get(self, name: str) -> torch.Tensor:
         fp8 = self.get_fp8(name)
         return self._read(name) if fp8 is None else dequantize_fp8(*fp8)

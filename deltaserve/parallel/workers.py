@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import multiprocessing
+import signal
 import weakref
 
 import torch
@@ -62,6 +63,7 @@ def _serve(rank: int, size: int, port: int, path: str, device: str, dtype: torch
     """A worker's life: join the group, load the rank's shard, build the same cache and runner, mirror calls."""
     from ..engine.llm_engine import LLMEngine
     from ..weights.loader import load_model
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle: it stops the workers
     torch.set_num_threads(threads)
     if torch.device(device).type == "cuda":  # rank r on GPU r
         device = f"cuda:{rank}"

@@ -1,4 +1,5 @@
-"""Runs a scripted workload through an engine: arrivals and aborts at given steps, step until all end."""
+"""Runs workloads through an engine: a scripted one (arrivals and aborts at given steps, step until all end), and
+prompts scored for their logits."""
 
 
 def drive(engine, requests, keep_logits: bool = True) -> dict:
@@ -21,3 +22,14 @@ def drive(engine, requests, keep_logits: bool = True) -> dict:
             results[out.request_id] = (out.token_ids, out.logits, out.finish_reason)
         step += 1
     return results
+
+
+def prompt_logits(engine, prompts: list[list[int]]) -> list:
+    """Each prompt's logits at every position ([len, V] float32), all prompts submitted at once."""
+    from deltaserve import SamplingParams
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
+    return [done[str(i)] for i in range(len(prompts))]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltaserve import LLMEngine, SamplingParams
+from deltaserve import LLMEngine
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.gpu_quant import PlanarWeight
 from deltaserve.weights.fp8 import combine_fp8, dequantize_fp8, quantize_fp8, write_fp8_checkpoint
@@ -20,6 +20,7 @@ from deltaserve.weights.hf_layout import _deinterleave_qwen3_next
 from deltaserve.weights.loader import load_model
 from deltaserve.weights.quantize import quantize_planar
 from deltaserve.weights.safetensors_dir import CheckpointError
+from drive import prompt_logits
 from tiny_models import ARCHS, tiny_config
 
 
@@ -82,13 +83,8 @@ PROMPTS = [list(range(3, 43)), [7, 9, 11], list(range(100, 160, 3))]
 
 
 def score(model, cfg) -> list[torch.Tensor]:
-    engine = LLMEngine(model, cfg, None, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return prompt_logits(LLMEngine(model, cfg, None, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64),
+                         PROMPTS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

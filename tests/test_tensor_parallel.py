@@ -14,6 +14,7 @@ from deltaserve.parallel.shard import ShardError, _kv_heads, shard_config, shard
 from deltaserve.weights.hf_layout import hf_recipes
 from deltaserve.weights.loader import open_checkpoint
 from deltaserve.weights.shard_read import read_shard
+from drive import prompt_logits
 from tiny_models import ARCHS, add_mtp_weights, save_hf_model
 
 KW = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=64)
@@ -67,12 +68,7 @@ def test_each_rank_reads_exactly_its_shard(tiny_dirs, tmp_path):
 
 
 def score(engine: LLMEngine) -> list[torch.Tensor]:
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return prompt_logits(engine, PROMPTS)
 
 
 def greedy(engine: LLMEngine, n: int, vocab: int = 256) -> dict[str, list[int]]:

@@ -25,6 +25,7 @@ from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.linear import set_weight
 from deltaserve.weights.gguf_file import GGUFFile
 from deltaserve.weights.loader import load_model, matrix_params
+from drive import prompt_logits
 from gguf_edit import random_blocks
 from tiny_models import tiny_config
 
@@ -161,12 +162,7 @@ PROMPTS = [list(range(3, 43)), [7, 9, 11], list(range(100, 160, 3))]
 
 
 def score(engine: LLMEngine) -> list[torch.Tensor]:
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return prompt_logits(engine, PROMPTS)
 
 
 def test_mix_logits_within_the_activation_rounding_bound(mix_gguf):

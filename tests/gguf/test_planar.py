@@ -11,11 +11,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-from deltaserve import LLMEngine, SamplingParams
+from deltaserve import LLMEngine
 from deltaserve.kernels.gpu_quant import PlanarWeight, dequantize_segment, from_gguf_segment, from_quantized
 from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 from deltaserve.layers.linear import set_weight
 from deltaserve.weights.loader import load_model, matrix_params
+from drive import prompt_logits
 from gguf_edit import random_blocks
 
 
@@ -54,13 +55,8 @@ PROMPTS = [list(range(3, 43)), [7, 9, 11], list(range(100, 160, 3))]
 
 
 def score(model, cfg) -> list[torch.Tensor]:
-    engine = LLMEngine(model, cfg, None, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, SamplingParams(max_tokens=0), prompt_logits_from=0)
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return prompt_logits(LLMEngine(model, cfg, None, max_num_seqs=4, max_model_len=128, max_num_batched_tokens=64),
+                         PROMPTS)
 
 
 def test_mix_file_loads_planar_and_matches_its_float_model(mix_gguf, caplog):

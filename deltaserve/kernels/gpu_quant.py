@@ -59,6 +59,10 @@ class PlanarWeight:
     segments: list[PlanarSegment]
     col_perm: torch.Tensor | None = field(default=None)
     dtype: torch.dtype = torch.float32
+    x_order: torch.Tensor | None = field(default=None, init=False, repr=False)  # argsort(col_perm): x in stored order
+
+    def __post_init__(self):
+        self.x_order = None if self.col_perm is None else torch.argsort(self.col_perm)  # once, not per product
 
     @property
     def nbytes(self) -> int:

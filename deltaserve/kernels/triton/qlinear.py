@@ -163,8 +163,8 @@ GEMM_BN, GEMM_BK = 64, 64
 
 def qlinear(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w^T -> [T, N] in x's dtype: one launch per segment (plain segments: the dense path)."""
-    if w.col_perm is not None:
-        x = x[:, torch.argsort(w.col_perm)]  # the stored column order
+    if w.x_order is not None:
+        x = x[:, w.x_order]  # the stored column order
     x = x.contiguous()
     t, k = x.shape
     out = torch.empty(t, w.shape[-2], dtype=x.dtype, device=x.device) if out is None else out

@@ -60,7 +60,7 @@ def test_mixed_segments_and_permuted_columns(check):
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("t", [1, 5, 40])
 def test_sparse_moe_quantized_matches_reference(fmt, t, check):
-    e, i, d, s, top = 16, 256, 512, 256, 4
+    e, i, d, s, top = 16, 256, 512, 384, 4  # the shared expert wider than the routed ones (Qwen3-Next tiny: 48 vs 32)
     g = torch.Generator().manual_seed(t)
     q = {n: quantize_planar(torch.randn(*shape, generator=g).cuda() / shape[-1] ** 0.5, fmt, torch.float32)
          for n, shape in [("gu", (e, 2 * i, d)), ("dn", (e, d, i)), ("sgu", (2 * s, d)), ("sdn", (d, s))]}
@@ -120,6 +120,14 @@ def test_quantized_model_logits_and_solo_equality(models, name, check):
             for o in eng.step():
                 logits.append(o.prompt_logits)
     check(f"model {name} prompt logits", logits[0], logits[1], 1e-4)
+    decoded = []  # the decode paths (one row; a few rows: MoE pairs) against the float model too
+    for m in (model, ref):
+        eng = LLMEngine(m, cfg, None, max_num_seqs=4, max_model_len=256, device="cuda")
+        decoded.append(drive(eng, [(f"d{j}", prompt[j:j + 9], SamplingParams(max_tokens=8, temperature=0), 0, None)
+                                   for j in range(3)]))
+    for rid in decoded[0]:
+        assert decoded[0][rid][0] == decoded[1][rid][0], rid
+        check(f"model {name} decode logits {rid}", decoded[0][rid][1], decoded[1][rid][1], 1e-4)
     rng = random.Random(7)
     for np_ in (1, 8, 64):
         eng = LLMEngine(model, cfg, None, max_num_seqs=np_, max_model_len=256, max_num_batched_tokens=128,

@@ -26,11 +26,9 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
-from .linear import swiglu_gemv
 from .moe_pairs import PAIR_GEMV_TOKENS, few_tokens
-from .moe_route import combine_kernel, linear, route, stack_args
+from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
 from .qlinear import block_k, w_tile
-from .rowwise import gate_mul
 
 
 @triton.jit
@@ -138,14 +136,6 @@ def grouped_matmul(a, w, n, layout, top_k, pair_scale=None):
     return out
 
 
-def _shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    h = swiglu_gemv(x, gate_up) if isinstance(gate_up, torch.Tensor) else None  # one row: one launch; else None
-    if h is None:
-        h = linear(x, gate_up)
-        h = gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False)
-    return linear(h, down)
-
-
 def sparse_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, shared_gate_up, shared_down,
                shared_gate: torch.Tensor, top_k: int, norm_topk: bool) -> torch.Tensor:
     """x [T, D]; router [E, D]; gate_up [E, 2I, D] (rows [gate | up]); down [E, D, I]; shared_gate_up [2S, D];
@@ -161,7 +151,7 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, shared_gate
     layout = expert_layout(experts.view(-1), work[0], work[1])
     hidden = grouped_matmul(x, gate_up, gate_up.shape[1] // 2, layout, top_k)  # [P, I], expert order
     y = grouped_matmul(hidden, down, d, layout, top_k, pair_scale=weights.view(-1))  # [P, D], pair order
-    shared = _shared_expert(x, shared_gate_up, shared_down)
+    shared = shared_expert(x, shared_gate_up, shared_down)
     out = torch.empty_like(x)
     bd = min(1024, triton.next_power_of_2(d))
     combine_kernel[(t, triton.cdiv(d, bd))](y, shared, linear(x, shared_gate), out, d, K=top_k, BD=bd,

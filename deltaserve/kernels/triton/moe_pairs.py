@@ -15,9 +15,8 @@ import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
 from .linear import gemv_block, gemv_rows, pdl
-from .moe_route import combine_kernel, linear, route, stack_args
+from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
 from .qlinear import block_k, dot_step
-from .rowwise import gate_mul
 
 
 @triton.jit
@@ -129,17 +128,14 @@ def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gat
         logits = linear(x, router)
     weights, experts = route(logits, top_k, norm_topk, None)
     p = t * top_k
-    hidden = torch.empty(p + t, i, dtype=x.dtype, device=x.device)
+    hidden = torch.empty(p + t if fused else p, i, dtype=x.dtype, device=x.device)  # [pairs (+ shared rows), I]
     _pair_gemv(x, experts, weights, gate_up, shared_gate_up if fused else None, hidden, i, p, top_k, PAIR_BN, bk_in,
                gated=True)
     y = torch.empty(p + t, d, dtype=x.dtype, device=x.device)
-    if not fused:
-        h = linear(x, shared_gate_up)
-        gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False, out=hidden[p:])
     _pair_gemv(hidden, experts, weights, down, shared_down if fused else None, y, d, p, top_k, 2 * PAIR_BN, bk_mid,
                gated=False)
-    if not fused:
-        y[p:] = linear(hidden[p:], shared_down)
+    if not fused:  # the shared expert's own products, at its own width (not the experts')
+        y[p:] = shared_expert(x, shared_gate_up, shared_down)
     out = torch.empty_like(x)
     bd = min(1024, triton.next_power_of_2(d))
     if _dense_rows(shared_gate):

@@ -12,8 +12,9 @@ import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
 from .linear import linear as dense_linear
-from .linear import pdl
+from .linear import pdl, swiglu_gemv
 from .qlinear import kernel_args, qlinear
+from .rowwise import gate_mul
 
 
 @triton.jit
@@ -76,6 +77,15 @@ def route(logits: torch.Tensor, top_k: int, norm_topk: bool, counts: torch.Tenso
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x W^T for a float or quantized (PlanarWeight) weight."""
     return qlinear(x, w) if isinstance(w, PlanarWeight) else dense_linear(x, w)
+
+
+def shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """The shared expert's SwiGLU MLP on [T, D] rows (its own width S, which need not be the experts')."""
+    h = swiglu_gemv(x, gate_up) if isinstance(gate_up, torch.Tensor) else None  # one row: one launch; else None
+    if h is None:
+        h = linear(x, gate_up)
+        h = gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False)
+    return linear(h, down)
 
 
 def stack_args(w, bk: int) -> dict:

@@ -94,11 +94,12 @@ def sdpa_over_gather(q, k_cache, v_cache, slots, q_pos, width, scale):
 def attention(rows: list[str]) -> None:
     h, g, d, slots_n, m = 16, 2, 256, 257, 1280
     caches = torch.randn(2, slots_n, m, g, d, dtype=BF16, device=DEV)
+    table = torch.arange(slots_n, dtype=torch.int32, device=DEV)[:, None]  # one block of m positions per slot
     for b, ctx in ((1, 128), (1, 1024), (64, 128), (64, 1024), (256, 128)):
         q = torch.randn(b, h, d, dtype=BF16, device=DEV)
         slots = torch.randperm(slots_n, device=DEV)[:b]
         pos = torch.full((b,), ctx - 1, device=DEV)
-        t_tri = ms(lambda: decode_attention(q, caches[0], caches[1], slots, pos, d ** -0.5))
+        t_tri = ms(lambda: decode_attention(q, caches[0], caches[1], table, slots, pos, d ** -0.5))
         t_sdpa = ms(lambda: sdpa_over_gather(q[:, None], caches[0], caches[1], slots, pos[:, None], ctx, d ** -0.5))
         rows.append(f"| decode attention | np={b} ctx={ctx} | Triton {t_tri * 1e3:.1f} us | "
                     f"gather+SDPA {t_sdpa * 1e3:.1f} us |")
@@ -107,7 +108,7 @@ def attention(rows: list[str]) -> None:
     slots = torch.arange(n, device=DEV)
     cu = torch.arange(n + 1, device=DEV) * length
     pos = torch.arange(length, device=DEV).repeat(n)
-    t_tri = ms(lambda: prefill_attention(q, caches[0], caches[1], cu, slots, pos, length, d ** -0.5))
+    t_tri = ms(lambda: prefill_attention(q, caches[0], caches[1], table, cu, slots, pos, length, d ** -0.5))
     qp = q.view(n, length, h, d)
     t_sdpa = ms(lambda: sdpa_over_gather(qp, caches[0], caches[1], slots, pos.view(n, length), length, d ** -0.5))
     flops = 4 * n * length * length / 2 * h * d

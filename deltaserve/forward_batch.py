@@ -78,6 +78,7 @@ class ForwardBatch:
     order: list[int]  # order[j] = index in the caller's list of the j-th segment here
     segments: list[Segment] = field(default_factory=list)  # in batch order
     num_slots: tuple[int, int] = (0, 0)  # build_batch's (num_slots, num_state_slots)
+    block_table: torch.Tensor | None = None  # [S, MB] int32: the KV cache's blocks per slot (the cache's own tensor)
     _conv_index: dict = field(default_factory=dict)
     _parts: list[ForwardBatch] | None = None
 
@@ -100,8 +101,16 @@ class ForwardBatch:
             return None
         if self._parts is None:
             parts = ([self.segments[:n_dec]] if n_dec else []) + [[seg] for seg in self.segments[n_dec:]]
-            self._parts = [build_batch(p, self.num_slots[0], self.input_ids.device, self.num_slots[1]) for p in parts]
+            self._parts = [build_batch(p, self.num_slots[0], self.input_ids.device, self.num_slots[1], self.block_table)
+                           for p in parts]
         return self._parts
+
+    def blocks_for(self, k_cache: torch.Tensor) -> torch.Tensor:
+        """The block table attention reads k_cache [NB, BS, G, D] through: the cache's own, or where the batch has
+        none (caches laid out one block per slot: layer tests, training) block s of slot s."""
+        if self.block_table is not None:
+            return self.block_table
+        return torch.arange(k_cache.shape[0], dtype=torch.int32, device=k_cache.device)[:, None]
 
     @property
     def single_slot(self) -> int | None:
@@ -170,11 +179,11 @@ class ForwardBatch:
 
 
 def build_batch(segments: list[Segment], num_slots: int, device: torch.device | str = "cpu",
-                num_state_slots: int | None = None) -> ForwardBatch:
+                num_state_slots: int | None = None, block_table: torch.Tensor | None = None) -> ForwardBatch:
     """Lay out segments as one batch: decodes, then verifies, then prefill chunks.
 
-    num_slots: slots with a KV row (a segment's `slot`); num_state_slots: all state slots
-    (snapshot slots may be spare ones past num_slots)."""
+    num_slots: slots with KV blocks (a segment's `slot`); num_state_slots: all state slots
+    (snapshot slots may be spare ones past num_slots); block_table: the KV cache's [num_slots, MB] table."""
     if not segments:
         raise BatchError("empty batch")
     num_state_slots = num_state_slots or num_slots
@@ -264,4 +273,5 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         order=order,
         segments=segs,
         num_slots=(num_slots, num_state_slots),
+        block_table=block_table,
     )

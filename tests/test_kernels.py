@@ -107,8 +107,9 @@ def test_model_forward_is_differentiable(tiny_dirs):
     for segs in ([Segment(list(range(1, 70)), 0, 0, 69)],
                  [Segment(list(range(1, 70)), 0, 0, 69), Segment(list(range(5, 74)), 0, 1, 69)]):
         model.zero_grad()
-        batch = build_batch(segs, 2)
-        hidden = model(batch, HybridCache(cfg, 2, 80, torch.float32))
+        cache = HybridCache(cfg, 2, 80, torch.float32)
+        batch = build_batch(segs, 2, block_table=cache.block_table)
+        hidden = model(batch, cache)
         model.logits(hidden[batch.logits_index]).logsumexp(-1).mean().backward()
         no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
         assert no_grad == []

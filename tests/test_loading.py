@@ -106,7 +106,7 @@ def test_corrupt_safetensors_file(base, tmp_path):
 
 
 def test_cache_that_cannot_fit_is_refused_up_front(base):
-    with pytest.raises(CacheTooLarge, match="lower max_num_seqs or max_model_len"):
+    with pytest.raises(CacheTooLarge, match="lower max_num_seqs, max_model_len or the KV cache size"):
         LLM(base[0], max_num_seqs=4096, max_model_len=1 << 20)
 
 

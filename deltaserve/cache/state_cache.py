@@ -1,11 +1,12 @@
-"""Per-sequence state: conv windows and fp32 delta-rule states per GDN layer, KV cache per attention layer.
+"""Per-sequence state: conv windows and fp32 delta-rule states per GDN layer, paged KV cache per attention layer.
 
 S = slots, K = conv width, C = conv channels, H = V heads, Dk/Dv = head dims,
-M = max_model_len, G = KV heads, D = head dim.
+M = max_model_len, G = KV heads, D = head dim, NB = KV blocks, BS = positions per block, MB = blocks per slot.
 
-Slots [0, max_num_seqs) belong to running sequences (state slot == KV row). Slots past that are
-spare states (`extra_state_slots`) with no KV row: snapshots for benchmarks and prefix caching,
-and one state per draft position for speculative decoding. Memory is sized up front.
+Slots [0, max_num_seqs) belong to running sequences and have a block table row: position p of slot s lives in KV
+block block_table[s, p // BS] (which blocks, engine/kv_manager.py decides). Slots past that are spare states
+(`extra_state_slots`) with no KV: snapshots for benchmarks and prefix caching, and one state per draft position
+for speculative decoding. Memory is sized up front.
 """
 
 from __future__ import annotations
@@ -38,14 +39,23 @@ class CacheSize:
                 f"KV cache {self.kv_bytes / mib:.1f} MiB, total {self.total / mib:.1f} MiB")
 
 
+KV_BLOCK = 16  # positions per KV block
+
+
+def kv_blocks_for(max_num_seqs: int, max_model_len: int) -> int:
+    """The default pool: every slot can hold max_model_len positions at once."""
+    return max_num_seqs * -(-max_model_len // KV_BLOCK)
+
+
 def cache_size(cfg: ModelConfig, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-               extra_state_slots: int = 0, mtp_layers: int = 0) -> CacheSize:
+               extra_state_slots: int = 0, mtp_layers: int = 0, num_kv_blocks: int | None = None) -> CacheSize:
     slots = max_num_seqs + extra_state_slots
+    blocks = kv_blocks_for(max_num_seqs, max_model_len) if num_kv_blocks is None else num_kv_blocks
     elem = torch.tensor([], dtype=dtype).element_size()
     n_gdn, n_attn = len(cfg.gdn_layers), len(cfg.attn_layers)
     conv = n_gdn * slots * (cfg.conv_kernel - 1) * cfg.conv_dim * elem
     state = n_gdn * slots * cfg.num_v_heads * cfg.k_head_dim * cfg.v_head_dim * 4
-    kv = (n_attn + mtp_layers) * 2 * max_num_seqs * max_model_len * cfg.num_kv_heads * cfg.head_dim * elem
+    kv = (n_attn + mtp_layers) * 2 * blocks * KV_BLOCK * cfg.num_kv_heads * cfg.head_dim * elem
     return CacheSize(conv, state, kv)
 
 
@@ -59,14 +69,17 @@ def available_memory(device: torch.device) -> int:
 
 class HybridCache:
     def __init__(self, cfg: ModelConfig, max_num_seqs: int, max_model_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", extra_state_slots: int = 0, mtp_layers: int = 0):
+                 device: torch.device | str = "cpu", extra_state_slots: int = 0, mtp_layers: int = 0,
+                 num_kv_blocks: int | None = None):
         device = torch.device(device)
-        self.size = cache_size(cfg, max_num_seqs, max_model_len, dtype, extra_state_slots, mtp_layers)
+        self.num_kv_blocks = kv_blocks_for(max_num_seqs, max_model_len) if num_kv_blocks is None else num_kv_blocks
+        self.size = cache_size(cfg, max_num_seqs, max_model_len, dtype, extra_state_slots, mtp_layers,
+                               self.num_kv_blocks)
         free = available_memory(device)
         if self.size.total > 0.9 * free:
             raise CacheTooLarge(
                 f"cache needs {self.size.describe()}, but only {free / 2**20:.0f} MiB are free on {device}: "
-                "lower max_num_seqs or max_model_len"
+                "lower max_num_seqs, max_model_len or the KV cache size"
             )
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.num_slots = max_num_seqs + extra_state_slots
@@ -76,7 +89,7 @@ class HybridCache:
             conv = torch.zeros(s, w, cfg.conv_dim, dtype=dtype, device=device)  # [S, K-1, C]
             ssm = torch.zeros(s, cfg.num_v_heads, cfg.k_head_dim, cfg.v_head_dim, dtype=torch.float32, device=device)
             self._layers[i] = (conv, ssm)
-        shape = (max_num_seqs, max_model_len, cfg.num_kv_heads, cfg.head_dim)  # [S, M, G, D]
+        shape = (self.num_kv_blocks, KV_BLOCK, cfg.num_kv_heads, cfg.head_dim)  # [NB, BS, G, D]
         for i in cfg.attn_layers:
             self._layers[i] = (torch.zeros(shape, dtype=dtype, device=device),
                                torch.zeros(shape, dtype=dtype, device=device))
@@ -84,10 +97,29 @@ class HybridCache:
         self.mtp_kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                        for _ in range(mtp_layers)]
         self._gdn = [self._layers[i] for i in cfg.gdn_layers]
+        self._kv = [self._layers[i] for i in cfg.attn_layers] + self.mtp_kv
+        # [S, MB] int32: slot s's blocks (entries past its length are stale; kernels never read them). Until the
+        # engine's KV manager assigns blocks: slot s owns blocks s*MB .. s*MB + MB - 1 where the pool has them
+        mb = -(-max_model_len // KV_BLOCK)
+        self.block_table = (torch.arange(max_num_seqs * mb, dtype=torch.int32) % max(self.num_kv_blocks, 1)).view(
+            max_num_seqs, mb).to(device)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conv pool, delta-rule pool) of a GDN layer, or (k cache, v cache) of an attention layer."""
         return self._layers[i]
+
+    def set_blocks(self, entries: list[tuple[int, int, int]]) -> None:
+        """Block table updates (slot, index, block), written in one copy."""
+        if entries:
+            slot, index, block = torch.tensor(entries, dtype=torch.int32).T.long()
+            self.block_table[slot.to(self.block_table.device), index.to(self.block_table.device)] = \
+                block.to(self.block_table.device, torch.int32)
+
+    def copy_blocks(self, src: int, dst: int) -> None:
+        """Copy one KV block (every attention layer's, the MTP head's too) to another."""
+        for k, v in self._kv:
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
 
     def copy_state(self, src: int, dst: int) -> None:
         """Copy one slot's recurrent state (conv windows + delta-rule states of every GDN layer) to another."""

@@ -102,7 +102,7 @@ class DecodeGraphs:
     def _batch(self, size: int) -> ForwardBatch:
         """A decode batch of `size` rows whose tensors are views of the static input buffers."""
         template = build_batch([Segment([0], 1, s) for s in range(size)], self.cache.max_num_seqs, self.device,
-                               self.cache.num_slots)
+                               self.cache.num_slots, self.cache.block_table)
         ids, pos, slots = self.inputs[size]
         reset = self.reset[size]
         group = dataclasses.replace(template.groups[0], slots=slots, reset=reset, start_pos=pos)

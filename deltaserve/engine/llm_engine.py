@@ -18,6 +18,7 @@ from ..parallel.shard import shard_config
 from ..parallel.workers import MirroredRunner, start_group
 from ..weights.loader import load_model, open_checkpoint
 from ..forward_batch import Segment
+from .kv_manager import KVManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -42,6 +43,7 @@ class RequestOutput:
     logprobs: list[tuple[float, dict[int, float]]] | None = None  # per token: (its logprob, top-k {id: logprob})
     num_draft_tokens: int = 0  # speculative decoding: MTP drafts verified, and how many were accepted
     num_accepted_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
 
 
 @dataclass
@@ -68,8 +70,12 @@ class LLMEngine:
     def __init__(self, model, cfg, tokenizer: Tokenizer | None = None, *, max_num_seqs: int = 16,
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None,
                  extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
-                 overlap_decode: bool | None = None, tp_group=None):
+                 overlap_decode: bool | None = None, tp_group=None, enable_prefix_caching: bool = True,
+                 prefix_cache_slots: int | None = None, num_kv_blocks: int | None = None):
         """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
+        enable_prefix_caching: reuse the KV blocks and recurrent-state snapshots of earlier requests' prefixes;
+        prefix_cache_slots: snapshots kept (each one state slot; default max(8, max_num_seqs)); num_kv_blocks: KV
+        cache blocks of 16 positions (default: max_num_seqs x max_model_len positions).
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
         the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
         tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
@@ -80,17 +86,23 @@ class LLMEngine:
         if spec_tokens and model.mtp is None:
             raise ValueError("spec_tokens > 0 needs MTP weights (mtp.*), and this checkpoint has none")
         mtp_layers = len(model.mtp.layers) if spec_tokens else 0
-        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device,
-                                 extra_state_slots + max_num_seqs * spec_tokens, mtp_layers)
+        spare = extra_state_slots + max_num_seqs * spec_tokens  # benchmarks' and verification's state slots
+        snapshots = 0 if not enable_prefix_caching else \
+            max(8, max_num_seqs) if prefix_cache_slots is None else prefix_cache_slots
+        self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device, spare + snapshots,
+                                 mtp_layers, num_kv_blocks)
         self.runner = ModelRunner(model, self.cache, self.device)
         if tp_group is not None:
             model.set_tensor_parallel(tp_group)
             self.runner = MirroredRunner(self.runner, tp_group)
+        first = max_num_seqs + spare  # the snapshot slots come last
+        self.kv = KVManager(self.runner.cache, max_model_len, spec_tokens, list(range(first, first + snapshots)))
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
         self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
         budget = max_num_batched_tokens or max(2048, max_num_seqs)
         # prompts split where they would be alone: chunks that fit beside every running sequence's decode
-        self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens))
+        self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens),
+                                   admit=self.kv.admit, release=self.kv.release)
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         # overlapped steps hand the next step a device tensor and an event: not across processes (tensor parallel)
@@ -115,6 +127,12 @@ class LLMEngine:
         """Resident weight bytes (as held: quantized, packed or float) and the cache's sizes."""
         return f"weights {self.runner.model.weight_bytes() / 2**20:.1f} MiB resident; {self.cache.size.describe()}"
 
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Prefix cache counters (queries, hits, tokens looked up / served, hit rate) and pool occupancy."""
+        st = self.kv.stats
+        return {"queries_total": st.queries, "hits_total": st.hits, "queried_tokens_total": st.queried_tokens,
+                "cached_tokens_total": st.cached_tokens, "hit_rate": st.hit_rate, **self.kv.occupancy()}
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     keep_logits: bool = False, prompt_logits_from: int | None = None) -> None:
         """Queues a request. keep_logits: return the logits each output token was sampled from;
@@ -135,6 +153,7 @@ class LLMEngine:
         if prompt_logits_from is not None and not 0 <= prompt_logits_from < len(prompt):
             raise ValueError(f"prompt_logits_from must be in [0, {len(prompt)}), got {prompt_logits_from}")
         seq = Sequence(request_id, prompt, params, max_tokens, keep_logits, prompt_logits_from)
+        self.kv.check_fits(seq)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -183,6 +202,9 @@ class LLMEngine:
             segments = [Segment(seq.next_tokens(1), seq.num_computed, seq.slot) for seq, _ in plan]
         else:
             segments = [Segment([0], seq.num_computed + 1, seq.slot) for seq, _ in plan]  # [0]: taken from prev
+        for (seq, _), seg in zip(plan, segments):
+            self.kv.extend(seq, seg.start_pos + 1)
+        self.kv.flush()
         sampled = sampled_rows([seq.params for seq, _ in plan], [seq.generator for seq, _ in plan],
                                self.cfg.vocab_size, self.device)
         tokens = self.runner.launch_decode(segments, None if prev is None else prev.tokens, sampled)
@@ -201,6 +223,9 @@ class LLMEngine:
     def _run(self, plan: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         """A step that waits for its logits: prefills, verifies, kept logits or logprobs."""
         segments = [self._segment(seq, n) for seq, n in plan]
+        for (seq, _), seg in zip(plan, segments):
+            self.kv.extend(seq, seg.start_pos + len(seg.token_ids))
+        self.kv.flush()
         if self.drafter:
             logits, hidden = self.runner.run(segments, keep_hidden=True)
         else:
@@ -214,6 +239,8 @@ class LLMEngine:
                 mtp_rows.append((seq, start, h))
                 if was_prefill and seq.prompt_logits_from is not None:
                     seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
+                if was_prefill and seq.num_computed % self.scheduler.chunk == 0:
+                    self.kv.snapshot(seq, seq.num_computed)  # on the prefill grid: where uncached runs split too
                 if seq.in_prefill:
                     continue
                 if len(seq.output_ids) >= seq.max_tokens:  # prefill-only request (max_tokens == 0)
@@ -236,7 +263,11 @@ class LLMEngine:
             tokens = sample(rows, [s.params for s, _ in to_sample], [s.generator for s, _ in to_sample])
             outputs += [self._emit(seq, [tok], lg) for (seq, lg), tok in zip(to_sample, tokens)]
         if self.drafter:
-            self.drafter.propose([row for row in mtp_rows if row[0].status is Status.RUNNING])
+            live = [row for row in mtp_rows if row[0].status is Status.RUNNING]
+            for seq, _, _ in live:  # the draft chain writes the MTP head's KV up to k positions ahead
+                self.kv.extend(seq, seq.num_computed + self.drafter.k)
+            self.kv.flush()
+            self.drafter.propose(live)
         return outputs
 
     def _segment(self, seq: Sequence, n: int) -> Segment:
@@ -279,6 +310,11 @@ class LLMEngine:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a request; its state is cached first, keyed by the tokens it holds: in an overlapped run the step
+        launched after this one has also fed it the last output token (the state and KV it writes land before the
+        slot's and blocks' next owners run), else the cache holds num_computed tokens (the last output not fed)."""
+        fed = self.in_flight is not None and any(s is seq for s in self.in_flight.seqs)
+        self.kv.snapshot(seq, seq.num_computed + fed)
         self.scheduler.finish(seq, reason)
         self.requests.pop(seq.request_id, None)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
@@ -298,6 +334,7 @@ class LLMEngine:
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             num_draft_tokens=seq.num_drafted,
             num_accepted_tokens=seq.num_accepted,
+            num_cached_tokens=seq.num_cached,
         )
 
 

@@ -66,7 +66,7 @@ class ModelRunner:
                                  f"max_model_len {self.cache.max_model_len}")
             if s.slot >= self.cache.max_num_seqs:
                 raise BatchError(f"slot {s.slot} has no KV row (max_num_seqs {self.cache.max_num_seqs})")
-        return build_batch(segments, self.cache.max_num_seqs, self.device, self.cache.num_slots)
+        return build_batch(segments, self.cache.max_num_seqs, self.device, self.cache.num_slots, self.cache.block_table)
 
     def run_tokens(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         """llama.cpp-style batch: token i of the sequence in `slots[i]` at `positions[i]`, in any interleaving.

@@ -105,7 +105,7 @@ def gated_attention_verify(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     decode kernel -> [L, H*D]. None elsewhere."""
     if qg.is_cuda or len(batch.segments) != 1 or not batch.snapshots or not cpu_native.applies(qg, kv[0]):
         return None
-    return cpu_native.attention_verify(qg, k, v, layer, kv, batch.segments[0])
+    return cpu_native.attention_verify(qg, k, v, layer, kv, batch)
 
 
 def gated_attention_decode(qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer,
@@ -143,12 +143,12 @@ def decoder_layer_decode(x: torch.Tensor, residual: torch.Tensor | None, layer, 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               batch, scale: float) -> torch.Tensor:
-    """Causal attention of each segment over its slot's KV cache after appending its keys. See reference.attention."""
+    """Causal attention of each segment over its slot's KV blocks after appending its keys. See reference.attention."""
     if q.is_cuda:
         from .triton.attention import attention as cuda_attention
-        return cuda_attention(q, k, v, k_cache, v_cache, batch.token_slots, batch.positions, batch.cu_seqlens,
-                              batch.slots, batch.lens, scale)
-    return reference.attention(q, k, v, k_cache, v_cache, batch, scale)
+        return cuda_attention(q, k, v, k_cache, v_cache, batch.blocks_for(k_cache), batch.token_slots,
+                              batch.positions, batch.cu_seqlens, batch.slots, batch.lens, scale)
+    return reference.attention(q, k, v, k_cache, v_cache, batch, scale, batch.blocks_for(k_cache))
 
 
 # Glue of the layers: one launch each on CUDA; on CPU the same torch code the layers would run.

@@ -149,11 +149,13 @@ def gdn_decode(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.T
 def attention_decode(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
     """One token per sequence through a GatedAttention layer between its projections.
 
-    qg [B, H*2D] rows per head [q | gate]; k, v [B, G*D]; kv: the layer's caches [S, M, G, D], written at
-    (batch.token_slots, batch.positions). Returns the gated attention output [B, H*D]."""
+    qg [B, H*2D] rows per head [q | gate]; k, v [B, G*D]; kv: the layer's paged caches [NB, BS, G, D], written at
+    (batch.token_slots, batch.positions) through the batch's block table. Returns the gated attention output
+    [B, H*D]."""
     return ops().attention_decode(qg.contiguous(), k.contiguous(), v.contiguous(), layer.q_norm.weight,
                                   layer.k_norm.weight, layer.q_norm.eps, layer.rotary.rotary_dim, layer.rotary.theta,
-                                  kv[0], kv[1], batch.token_slots, batch.positions, layer.d ** -0.5)
+                                  kv[0], kv[1], batch.blocks_for(kv[0]), batch.token_slots, batch.positions,
+                                  layer.d ** -0.5)
 
 
 def gdn_verify(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.Tensor, segment) -> torch.Tensor:
@@ -171,12 +173,14 @@ def gdn_verify(mixed, z, a, b, layer, conv_pool: torch.Tensor, ssm_pool: torch.T
     return torch.cat(outs)
 
 
-def attention_verify(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], segment) -> torch.Tensor:
-    """A verify segment's L tokens one by one through attention_decode at positions start .. start + L - 1."""
+def attention_verify(qg, k, v, layer, kv: tuple[torch.Tensor, torch.Tensor], batch) -> torch.Tensor:
+    """A one-segment batch's verify segment: its L tokens one by one through attention_decode at positions
+    start .. start + L - 1."""
+    segment, table = batch.segments[0], batch.blocks_for(kv[0])
     slots = torch.tensor([segment.slot])
     return torch.cat([ops().attention_decode(
         *(t[j:j + 1].contiguous() for t in (qg, k, v)), layer.q_norm.weight, layer.k_norm.weight, layer.q_norm.eps,
-        layer.rotary.rotary_dim, layer.rotary.theta, kv[0], kv[1], slots, torch.tensor([segment.start_pos + j]),
+        layer.rotary.rotary_dim, layer.rotary.theta, kv[0], kv[1], table, slots, torch.tensor([segment.start_pos + j]),
         layer.d ** -0.5) for j in range(len(segment.token_ids))])
 
 
@@ -190,7 +194,8 @@ def decoder_layer(x: torch.Tensor, residual: torch.Tensor | None, layer, cache: 
     if layer.kind == "linear_attention":
         stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.slots, batch.reset)
     else:
-        stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.token_slots, batch.positions)
+        stream, h = mixer(x.contiguous(), residual, *weights, cache[0], cache[1], batch.blocks_for(cache[0]),
+                          batch.token_slots, batch.positions)
     return (ops().moe_block(h, *moe) if moe else layer.ffn(h)), stream
 
 

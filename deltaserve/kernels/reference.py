@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..forward_batch import ForwardBatch, SegmentGroup
+from ..forward_batch import ForwardBatch
 
 CHUNK = 64  # chunk length of the chunked delta rule
 
@@ -168,35 +168,35 @@ def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float, block_table: torch.Tensor,
 ) -> torch.Tensor:
-    """Causal attention of each segment over its slot's KV cache, after appending its own keys.
+    """Causal attention of each segment over its slot's KV blocks, after appending its own keys.
 
-    q [T, H, D]; k, v [T, Hkv, D]; caches [S, max_len, Hkv, D]. Returns [T, H, D].
+    q [T, H, D]; k, v [T, G, D]; caches [NB, BS, G, D] (blocks of BS positions); block_table [S, MB]: block j of
+    slot s holds its positions j*BS .. j*BS + BS - 1. Returns [T, H, D].
     """
-    slot = batch.single_slot
-    if slot is not None:
-        start, end = batch.start_pos[0], batch.start_pos[0] + batch.lens[0]
-        k_cache[slot, start:end] = k
-        v_cache[slot, start:end] = v
-        keys, values = k_cache[slot, :end][None], v_cache[slot, :end][None]  # views [1, end, Hkv, D]
-        mask = _causal_mask(batch.positions[None], end)
-        return _sdpa(q[None], keys, values, mask, scale)[0]
-    k_cache[batch.token_slots, batch.positions] = k.to(k_cache.dtype)
-    v_cache[batch.token_slots, batch.positions] = v.to(v_cache.dtype)
+    bs = k_cache.shape[1]
+    k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)  # [NB*BS, G, D]
+    rows = block_table[batch.token_slots, batch.positions // bs].long() * bs + batch.positions % bs  # [T]
+    k_flat[rows] = k.to(k_cache.dtype)
+    v_flat[rows] = v.to(v_cache.dtype)
     out = torch.empty_like(q)
     for grp in batch.groups:
-        out[grp.tokens] = grp.from_padded(_attend_group(q[grp.tokens], k_cache, v_cache, grp, scale))
+        ends = grp.start_pos + grp.lens  # [B]
+        width = int(ends.max())
+        key_rows = _key_rows(block_table[grp.slots], width, bs)  # [B, width]
+        q_pos = grp.start_pos[:, None] + torch.arange(grp.pad_index.shape[1], device=q.device)  # [B, L]
+        q_pos = torch.where(grp.valid, q_pos, 0)  # padding rows look at key 0 only (no empty softmax)
+        attended = _sdpa(grp.to_padded(q[grp.tokens]), k_flat[key_rows], v_flat[key_rows], _causal_mask(q_pos, width),
+                         scale)
+        out[grp.tokens] = grp.from_padded(attended)
     return out
 
 
-def _attend_group(q: torch.Tensor, k_cache, v_cache, grp: SegmentGroup, scale: float) -> torch.Tensor:
-    ends = grp.start_pos + grp.lens  # [B]
-    width = int(ends.max())
-    keys, values = k_cache[grp.slots, :width], v_cache[grp.slots, :width]  # [B, width, Hkv, D]
-    q_pos = grp.start_pos[:, None] + torch.arange(grp.pad_index.shape[1], device=q.device)  # [B, L]
-    q_pos = torch.where(grp.valid, q_pos, 0)  # padding rows look at key 0 only (no empty softmax)
-    return _sdpa(grp.to_padded(q), keys, values, _causal_mask(q_pos, width), scale)
+def _key_rows(tables: torch.Tensor, width: int, bs: int) -> torch.Tensor:
+    """[B, MB] block tables -> [B, width] rows of the flattened cache holding positions 0 .. width - 1."""
+    j = torch.arange(width, device=tables.device)
+    return tables[:, j // bs].long() * bs + j % bs
 
 
 def _causal_mask(q_pos: torch.Tensor, width: int) -> torch.Tensor:

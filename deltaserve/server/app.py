@@ -45,6 +45,8 @@ class ServerConfig:
     spec_tokens: int = 0  # MTP speculative decoding: drafts per step
     overlap_decode: bool | None = None  # decode steps launched before the last one's tokens are read (None: CUDA)
     tensor_parallel_size: int = 1  # processes the model is split over
+    enable_prefix_caching: bool = True  # reuse earlier requests' KV blocks and state snapshots
+    prefix_cache_slots: int | None = None  # snapshots kept (None: the engine's default)
 
     @property
     def model_name(self) -> str:
@@ -60,7 +62,8 @@ def create_app(config: ServerConfig, make_engine: Callable[[], LLMEngine] | None
                 config.model, device=config.device, dtype=config.dtype, max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
                 spec_tokens=config.spec_tokens, overlap_decode=config.overlap_decode,
-                tensor_parallel_size=config.tensor_parallel_size)
+                tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=config.enable_prefix_caching,
+                prefix_cache_slots=config.prefix_cache_slots)
     engine = EngineLoop(make_engine, config.max_queue, on_load_failure)
     tokenizer = load_tokenizer(config.model)
     if Path(config.model).is_dir():

@@ -68,6 +68,7 @@ class Snapshot:
     step_errors: int = 0
     draft_tokens: int = 0  # speculative decoding: MTP drafts verified / accepted
     accepted_tokens: int = 0
+    prefix: dict[str, float] = field(default_factory=dict)  # prefix cache: counters and pool occupancy
     finished: dict[str, int] = field(default_factory=dict)  # finish reason (stop, length, abort, error) -> count
 
 
@@ -258,6 +259,7 @@ class EngineLoop:
             tokens_per_second=(st.generated_tokens - g0) / (now - t0) if now > t0 else 0.0,
             steps=st.steps, overlapped_steps=st.overlapped_steps, step_errors=self._step_errors,
             draft_tokens=st.draft_tokens, accepted_tokens=st.accepted_tokens, finished=dict(self._finished),
+            prefix=engine.prefix_cache_stats(),
         )
 
 

@@ -36,6 +36,7 @@ class _Choice:
     request_id: str
     detok: IncrementalDetokenizer
     finish_reason: str | None = None
+    cache_counted: bool = False  # its prompt's cached tokens are in Generation.cached_tokens
 
 
 def check_prompt(prompt: list[int], max_tokens: int | None, vocab_size: int, max_model_len: int) -> None:
@@ -56,10 +57,11 @@ class Generation:
     def __init__(self, engine: EngineLoop, decode: Callable[[list[int]], str], base_id: str,
                  prompts: list[list[int]], params: SamplingParams, n: int, stop: list[str]):
         """n choices per prompt; choice i of a seeded request samples with seed + i."""
-        self._engine = engine
+        self._engine, self._n = engine, n
         self._queue: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         self._sink = Sink(asyncio.get_running_loop(), self._queue)
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.cached_tokens = 0  # of those, served by the prefix cache (each prompt counted once, as prompt_tokens)
         self._choices: dict[str, _Choice] = {}
         self._requests: list[tuple[str, list[int], SamplingParams]] = []
         for p, prompt in enumerate(prompts):
@@ -108,6 +110,9 @@ class Generation:
 
     def _apply(self, choice: _Choice, out: RequestOutput) -> ChoiceDelta:
         detok = choice.detok
+        if choice.index % self._n == 0 and not choice.cache_counted:  # each prompt's first choice
+            self.cached_tokens += out.num_cached_tokens
+            choice.cache_counted = True
         before = len(detok.ids)
         detok.add(out.new_token_ids)
         if out.finished:

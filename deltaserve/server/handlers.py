@@ -27,7 +27,7 @@ from .generation import ChoiceDelta, Generation, check_prompt
 from .protocol import (
     ApiError, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatDelta, ChatLogprobs, ChatMessageOut, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, SamplingFields, TokenLogprob, TopLogprob, Usage,
+    CompletionResponse, PromptTokensDetails, SamplingFields, TokenLogprob, TopLogprob, Usage,
 )
 
 T = TypeVar("T")
@@ -156,7 +156,8 @@ def _message_dict(message: dict) -> dict:
 
 def _usage(gen: Generation) -> Usage:
     done = gen.completion_tokens
-    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=done, total_tokens=gen.prompt_tokens + done)
+    return Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=done, total_tokens=gen.prompt_tokens + done,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.cached_tokens))
 
 
 async def _collect(gen: Generation, request: Request) -> list[_Acc]:

@@ -31,6 +31,8 @@ def render_metrics(model: str, state: str, snap: Snapshot, info: EngineInfo | No
     metric("spec_draft_tokens_total", "counter", "MTP draft tokens verified (speculative decoding).", snap.draft_tokens)
     metric("spec_accepted_tokens_total", "counter", "MTP draft tokens accepted.", snap.accepted_tokens)
     metric("engine_step_errors_total", "counter", "Engine steps that raised.", snap.step_errors)
+    for name, kind, doc in PREFIX_METRICS:
+        metric(f"prefix_cache_{name}", kind, doc, snap.prefix.get(name, 0))
     lines.extend(["# HELP deltaserve_requests_finished_total Engine requests ended, by reason (stop, length, "
                   "abort, error).", "# TYPE deltaserve_requests_finished_total counter"])
     for reason, count in sorted(snap.finished.items()):
@@ -43,6 +45,20 @@ def render_metrics(model: str, state: str, snap: Snapshot, info: EngineInfo | No
         lines.extend(["# HELP process_resident_memory_bytes Resident memory size in bytes.",
                       "# TYPE process_resident_memory_bytes gauge", f"process_resident_memory_bytes {rss}"])
     return "\n".join(lines) + "\n"
+
+
+PREFIX_METRICS = [
+    ("queries_total", "counter", "Requests looked up in the prefix cache."),
+    ("hits_total", "counter", "Requests that resumed from a cached prefix."),
+    ("queried_tokens_total", "counter", "Prompt tokens of the requests looked up."),
+    ("cached_tokens_total", "counter", "Prompt tokens served from the prefix cache instead of computed."),
+    ("hit_rate", "gauge", "Share of looked-up prompt tokens served from the cache."),
+    ("snapshots", "gauge", "Recurrent-state snapshots held."),
+    ("snapshot_slots", "gauge", "Snapshot pool size (state slots)."),
+    ("kv_blocks_used", "gauge", "KV blocks referenced or holding cached prefixes."),
+    ("kv_blocks_cached", "gauge", "KV blocks indexed by prefix (evictable when unreferenced)."),
+    ("kv_blocks_total", "gauge", "KV blocks of 16 positions in the pool."),
+]
 
 
 def _escape(value: str) -> str:

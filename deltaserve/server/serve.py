@@ -45,11 +45,13 @@ class DrainingServer(uvicorn.Server):
 def run_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 8080, max_num_seqs: int = 8,
                api_key: str | None = None, max_model_len: int = 4096, max_queue: int = 256, device: str = "cpu",
                dtype: str = "auto", served_model_name: str | None = None, graceful_timeout: float = GRACEFUL_TIMEOUT_S,
-               log_level: str = "info", spec_tokens: int = 0, tensor_parallel_size: int = 1) -> None:
+               log_level: str = "info", spec_tokens: int = 0, tensor_parallel_size: int = 1,
+               enable_prefix_caching: bool = True, prefix_cache_slots: int | None = None) -> None:
     """Serves the OpenAI API until interrupted; raises RuntimeError if the model fails to load."""
     config = ServerConfig(model_path, served_model_name, api_key, max_num_seqs, max_model_len, max_queue,
                           device=device, dtype=dtype, spec_tokens=spec_tokens,
-                          tensor_parallel_size=tensor_parallel_size)
+                          tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
+                          prefix_cache_slots=prefix_cache_slots)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # no-op if set up
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
@@ -87,13 +89,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MTP speculative decoding: draft tokens per step (0 = off; needs mtp.* weights)")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                         help="processes the model is split over by heads (gloo on the CPU, NCCL on CUDA)")
+    add_prefix_cache_args(parser)
     parser.add_argument("--served-model-name", default=None, help="model id in the API (default: directory name)")
     parser.add_argument("--graceful-timeout", type=float, default=GRACEFUL_TIMEOUT_S,
                         help="on shutdown, seconds in-flight requests get to finish before they are cancelled")
+
+
+def add_prefix_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt (default: reuse cached KV blocks and recurrent-state snapshots "
+                             "of earlier requests' prefixes, e.g. a chat's earlier turns)")
+    parser.add_argument("--prefix-cache-slots", type=int, default=None,
+                        help="recurrent-state snapshots the prefix cache keeps, each the size of one sequence's "
+                             "state (default max(8, --parallel))")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
     run_server(args.model, host=args.host, port=args.port, max_num_seqs=args.max_num_seqs, api_key=args.api_key,
                max_model_len=args.max_model_len, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
                served_model_name=args.served_model_name, graceful_timeout=args.graceful_timeout,
-               spec_tokens=args.spec_tokens, tensor_parallel_size=args.tensor_parallel_size)
+               spec_tokens=args.spec_tokens, tensor_parallel_size=args.tensor_parallel_size,
+               enable_prefix_caching=not args.no_prefix_cache, prefix_cache_slots=args.prefix_cache_slots)

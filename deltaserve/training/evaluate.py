@@ -52,11 +52,10 @@ def mtp_accuracy(model: HybridModel, chunks: list[list[int]]) -> float:
     """Fraction of positions t where the MTP head's argmax is token t+2 (main model fed the true tokens)."""
     hits = total = 0
     for ids in (c for c in chunks if len(c) > 2):
-        batch = build_batch([Segment(ids[:-2], 0, 0, 0)], 1)
-        cache = HybridCache(model.cfg, 1, len(ids), torch.float32)
+        cache = HybridCache(model.cfg, 1, len(ids), torch.float32, mtp_layers=1)
+        batch = build_batch([Segment(ids[:-2], 0, 0, 0)], 1, block_table=cache.block_table)
         hidden = model(batch, cache)
-        kv = tuple(torch.zeros(1, len(ids), model.cfg.num_kv_heads, model.cfg.head_dim) for _ in range(2))
-        draft = model.logits(model.mtp(hidden, model.embed(torch.tensor(ids[1:-1])), batch, kv)).argmax(-1)
+        draft = model.logits(model.mtp(hidden, model.embed(torch.tensor(ids[1:-1])), batch, cache.mtp_kv[0])).argmax(-1)
         hits += int((draft == torch.tensor(ids[2:])).sum())
         total += len(ids) - 2
     return hits / total

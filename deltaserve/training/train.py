@@ -52,8 +52,9 @@ def step_losses(model: HybridModel, windows: torch.Tensor, device: torch.device)
     b, n = windows.shape
     length = n - 2
     inputs, nxt, nxt2 = windows[:, :length], windows[:, 1:length + 1], windows[:, 2:]
-    batch = build_batch([Segment(row.tolist(), 0, slot, 0) for slot, row in enumerate(inputs)], b, device)
     cache = HybridCache(model.cfg, b, length, torch.float32, device)  # fresh: states start at zero
+    batch = build_batch([Segment(row.tolist(), 0, slot, 0) for slot, row in enumerate(inputs)], b, device,
+                        block_table=cache.block_table)
     hidden = model(batch, cache)  # [B*L, D], rows in segment order = inputs flattened
     main = F.cross_entropy(model.logits(hidden), nxt.flatten().to(device))
     cfg = model.cfg

@@ -62,7 +62,9 @@ def test_attention_matches_reference(case, h, g, d, dtype, check):
     segs = [Segment([0] * n, s0, slot) for n, slot, s0 in zip(lens, slots, starts)]
     (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(sum(lens), h, g, d, dtype, seed=len(case) + d)
     before = dcaches.clone()
-    ref = reference.attention(q, *split_kv(kv, g, d), caches[0], caches[1], build_batch(segs, S), d ** -0.5)
+    ref_batch = build_batch(segs, S)
+    ref = reference.attention(q, *split_kv(kv, g, d), caches[0], caches[1], ref_batch, d ** -0.5,
+                              ref_batch.blocks_for(caches[0]))
     batch = build_batch(segs, S, "cuda")
     out = kernels.attention(dq, *split_kv(dkv, g, d), dcaches[0], dcaches[1], batch, d ** -0.5)
     check(f"attention {case} h{h} g{g} d{d} {dtype}", out, ref, TOL[dtype])
@@ -73,6 +75,25 @@ def test_attention_matches_reference(case, h, g, d, dtype, check):
 
 
 @DTYPES
+@pytest.mark.parametrize("case", ["decodes", "mixed", "varlen"])
+def test_paged_attention_matches_reference(case, dtype, check):
+    """KV in blocks of 16 positions, each slot's blocks scattered over the pool in a random order."""
+    h, g, d, bs = 8, 2, 128, 16
+    lens, slots, starts = attn_case(case)
+    mb = M // bs
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randperm(S * mb, generator=gen).view(S, mb).to(torch.int32)
+    segs = [Segment([0] * n, s0, slot) for n, slot, s0 in zip(lens, slots, starts)]
+    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(sum(lens), h, g, d, dtype, seed=11)
+    caches, dcaches = (c.nan_to_num().reshape(2, S * mb, bs, g, d) for c in (caches, dcaches))  # no NaN slot here
+    ref = reference.attention(q, *split_kv(kv, g, d), caches[0], caches[1], build_batch(segs, S), d ** -0.5, table)
+    batch = build_batch(segs, S, "cuda", block_table=table.cuda())
+    out = kernels.attention(dq, *split_kv(dkv, g, d), dcaches[0], dcaches[1], batch, d ** -0.5)
+    check(f"paged attention {case} {dtype}", out, ref, TOL[dtype])
+    torch.testing.assert_close(dcaches.cpu(), caches.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@DTYPES
 def test_decode_attention_padding_rows(dtype, check):
     h, g, d = 8, 2, 256
     lens, slots, starts = attn_case("decodes")
@@ -80,12 +101,15 @@ def test_decode_attention_padding_rows(dtype, check):
     segs = [Segment([0], s0, slot) for slot, s0 in zip(slots, starts)]
     (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(n + pad, h, g, d, dtype, seed=3)
     before = dcaches.clone()
-    ref = reference.attention(q[:n], *split_kv(kv[:n], g, d), caches[0], caches[1], build_batch(segs, S), d ** -0.5)
+    ref_batch = build_batch(segs, S)
+    ref = reference.attention(q[:n], *split_kv(kv[:n], g, d), caches[0], caches[1], ref_batch, d ** -0.5,
+                              ref_batch.blocks_for(caches[0]))
     batch = build_batch(segs, S, "cuda")
     pad_slots = torch.cat([batch.slots, batch.slots.new_full((pad,), -1)])
     positions = torch.cat([batch.positions, batch.positions.new_zeros(pad)])
-    store_kv(*split_kv(dkv, g, d), dcaches[0], dcaches[1], pad_slots, positions)
-    out = decode_attention(dq, dcaches[0], dcaches[1], pad_slots, positions, d ** -0.5)
+    table = batch.blocks_for(dcaches[0])  # one block of M positions per slot
+    store_kv(*split_kv(dkv, g, d), dcaches[0], dcaches[1], table, pad_slots, positions)
+    out = decode_attention(dq, dcaches[0], dcaches[1], table, pad_slots, positions, d ** -0.5)
     check(f"padded decode attention {dtype}", out[:n], ref, TOL[dtype])
     assert torch.equal(out[n:].cpu(), torch.zeros(pad, h, d, dtype=dtype))
     untouched = [x for x in range(S) if x not in slots]

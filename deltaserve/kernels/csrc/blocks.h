@@ -40,11 +40,11 @@ std::vector<torch::Tensor> attention_block(torch::Tensor x, c10::optional<torch:
                                            const PackedWeight& qkv_proj, const PackedWeight& o_proj, torch::Tensor q_norm,
                                            torch::Tensor k_norm, double head_eps, int64_t rotary_dim, double theta,
                                            double scale, torch::Tensor k_cache, torch::Tensor v_cache,
-                                           torch::Tensor slots, torch::Tensor positions) {
+                                           torch::Tensor block_table, torch::Tensor slots, torch::Tensor positions) {
   const int64_t GD = k_cache.size(2) * k_cache.size(3), QG = qkv_proj.n - 2 * GD;
   auto in = add_rms_norm(x, residual, input_norm, eps);
   auto p = packed_linear(in[1], qkv_proj).split_with_sizes({QG, GD, GD}, 1);  // q|gate, k, v
   auto mixed = attention_decode(p[0].contiguous(), p[1].contiguous(), p[2].contiguous(), q_norm, k_norm, head_eps,
-                                rotary_dim, theta, k_cache, v_cache, slots, positions, scale);
+                                rotary_dim, theta, k_cache, v_cache, block_table, slots, positions, scale);
   return add_rms_norm(in[0], packed_linear(mixed, o_proj), post_norm, eps);
 }

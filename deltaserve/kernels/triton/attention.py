@@ -1,8 +1,9 @@
-"""Causal attention of every segment over its slot's KV cache: store the new keys, then attend.
+"""Causal attention of every segment over its slot's KV blocks: store the new keys, then attend.
 
 Letters: T = tokens, N = segments, H = query heads, G = KV heads, R = H / G, D = head dim,
-S = KV slots, M = max_model_len, NS = key splits of a decode row.
-- store_kv: one program per (token, KV head) writes k, v at cache[slot, position]; slot -1 writes nothing.
+S = slots, NB = KV blocks, BS = positions per block, MB = blocks per slot, NS = key splits of a decode row.
+The caches are [NB, BS, G, D]; position p of slot s lives in block block_table[s, p // BS] at row p % BS.
+- store_kv: one program per (token, KV head) writes k, v at its slot's position; slot -1 writes nothing.
 - decode (one query per segment): split-K flash decoding; a program takes the R query heads of one KV
   head over one split of the keys, a second kernel merges the splits by their log-sum-exp.
 - prefill (any segment lengths): one program per (block of a segment's queries, query head), keys
@@ -19,31 +20,34 @@ import triton.language as tl
 
 
 @triton.jit
-def store_kv_kernel(k, v, stride_k, stride_v, k_cache, v_cache, token_slots, positions, M,
-                    G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+def store_kv_kernel(k, v, stride_k, stride_v, k_cache, v_cache, block_table, MB, token_slots, positions,
+                    BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     i_t, i_g = tl.program_id(0), tl.program_id(1)
     slot = tl.load(token_slots + i_t).to(tl.int64)
     if slot >= 0:
         pos = tl.load(positions + i_t).to(tl.int64)
         o_d = tl.arange(0, BD)
         m_d = o_d < D
-        dst = ((slot * M + pos) * G + i_g) * D + o_d
+        row = tl.load(block_table + slot * MB + pos // BS).to(tl.int64) * BS + pos % BS
+        dst = (row * G + i_g) * D + o_d
         tl.store(k_cache + dst, tl.load(k + i_t * stride_k + i_g * D + o_d, mask=m_d), mask=m_d)
         tl.store(v_cache + dst, tl.load(v + i_t * stride_v + i_g * D + o_d, mask=m_d), mask=m_d)
 
 
 @triton.jit
-def _attend(b_q, q_pos, k_cache, v_cache, base, lo, hi, scale, o_d, m_d, QB: tl.constexpr, BD: tl.constexpr,
-            G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of queries b_q [QB, BD] over keys [lo, hi) of one KV head (cache offset `base`);
-    CAUSAL: query i sees key n only if n <= q_pos[i]. Returns (acc [QB, BD] unnormalised, max [QB], sum [QB])."""
+def _attend(b_q, q_pos, k_cache, v_cache, blocks, i_g, lo, hi, scale, o_d, m_d, QB: tl.constexpr, BD: tl.constexpr,
+            BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    """Online softmax of queries b_q [QB, BD] over keys [lo, hi) of KV head i_g (blocks: the slot's block table
+    row); CAUSAL: query i sees key n only if n <= q_pos[i]. Returns (acc [QB, BD] unnormalised, max [QB], sum [QB])."""
     b_m = tl.full([QB], float("-inf"), tl.float32)
     b_l = tl.zeros([QB], tl.float32)
     acc = tl.zeros([QB, BD], tl.float32)
     for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < hi
-        p_kv = base + o_n[:, None].to(tl.int64) * G * D + o_d[None, :]
+        row = tl.load(blocks + o_n // BS, mask=m_n, other=0).to(tl.int64) * BS + o_n % BS  # [BN] cache rows
+        p_kv = (row[:, None] * G + i_g) * D + o_d[None, :]
         b_k = tl.load(k_cache + p_kv, mask=m_n[:, None] & m_d[None, :], other=0.)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale  # [QB, BN]
         if CAUSAL:
@@ -61,9 +65,9 @@ def _attend(b_q, q_pos, k_cache, v_cache, base, lo, hi, scale, o_d, m_d, QB: tl.
 
 
 @triton.jit
-def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, slots, positions, o_part, lse_part, scale, M,
-                        H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-                        BN: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
+def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, MB, slots, positions, o_part,
+                        lse_part, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                        RP: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr, NS: tl.constexpr, PREC: tl.constexpr):
     i_b, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     R: tl.constexpr = H // G
     slot = tl.load(slots + i_b).to(tl.int64)
@@ -76,8 +80,8 @@ def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, slots, positi
     heads = i_g * R + o_r
     b_q = tl.load(q + i_b * stride_qt + heads[:, None] * stride_qh + o_d[None, :],
                   mask=m_r[:, None] & m_d[None, :], other=0.)
-    acc, b_m, b_l = _attend(b_q, o_r, k_cache, v_cache, slot * M * G * D + i_g * D, lo, hi, scale, o_d, m_d,
-                            QB=RP, BD=BD, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
+    acc, b_m, b_l = _attend(b_q, o_r, k_cache, v_cache, block_table + slot * MB, i_g, lo, hi, scale, o_d, m_d,
+                            QB=RP, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
     part = (i_b * H + heads) * NS + i_s  # [RP] rows of the partial results
     tl.store(o_part + part[:, None] * BD + o_d[None, :], acc / tl.maximum(b_l, 1e-30)[:, None], mask=m_r[:, None])
     tl.store(lse_part + part, tl.where(b_l > 0, b_m + tl.log(b_l), float("-inf")), mask=m_r)
@@ -96,9 +100,9 @@ def decode_merge_kernel(o_part, lse_part, out, D: tl.constexpr, BD: tl.constexpr
 
 
 @triton.jit
-def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, out, cu_seqlens, slots, positions, scale, M, QB,
-                   H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, PREC: tl.constexpr):
+def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, MB, out, cu_seqlens, slots, positions,
+                   scale, QB, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     i_p, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_m = i_p // QB, i_p % QB
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -114,61 +118,62 @@ def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, out, cu_seqlens, s
         b_q = tl.load(q + o_m[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
                       mask=m_m[:, None] & m_d[None, :], other=0.)
         hi = start + tl.minimum(q0 + BM, eos) - bos  # keys [0, hi) cover every query of the block
-        acc, _, b_l = _attend(b_q, q_pos, k_cache, v_cache, slot * M * G * D + i_g * D, 0, hi, scale, o_d, m_d,
-                              QB=BM, BD=BD, G=G, D=D, BN=BN, CAUSAL=True, PREC=PREC)
+        acc, _, b_l = _attend(b_q, q_pos, k_cache, v_cache, block_table + slot * MB, i_g, 0, hi, scale, o_d, m_d,
+                              QB=BM, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=True, PREC=PREC)
         res = acc / tl.maximum(b_l, 1e-30)[:, None]
         tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], res.to(out.dtype.element_ty),
                  mask=m_m[:, None] & m_d[None, :])
 
 
-def store_kv(k, v, k_cache, v_cache, token_slots, positions):
+def store_kv(k, v, k_cache, v_cache, block_table, token_slots, positions):
     t, g, d = k.shape
-    store_kv_kernel[(t, g)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, token_slots, positions,
-                            k_cache.shape[1], G=g, D=d, BD=triton.next_power_of_2(d))
+    store_kv_kernel[(t, g)](k, v, k.stride(0), v.stride(0), k_cache, v_cache, block_table, block_table.shape[1],
+                            token_slots, positions, BS=k_cache.shape[1], G=g, D=d, BD=triton.next_power_of_2(d))
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # full fp32 products for fp32 models
 
 
-def decode_attention(q, k_cache, v_cache, slots, positions, scale, num_splits=16):
+def decode_attention(q, k_cache, v_cache, block_table, slots, positions, scale, num_splits=16):
     b, h, d = q.shape
     g = k_cache.shape[2]
     bd = triton.next_power_of_2(d)
     o_part = torch.empty(b * h * num_splits, bd, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b * h * num_splits, dtype=torch.float32, device=q.device)
     decode_split_kernel[(b, g, num_splits)](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, slots, positions, o_part, lse_part, scale, k_cache.shape[1],
-        H=h, G=g, D=d, BD=bd, RP=max(16, triton.next_power_of_2(h // g)), BN=32 if d > 128 else 64, NS=num_splits,
-        PREC=_precision(q.dtype), num_warps=4,
+        q, q.stride(0), q.stride(1), k_cache, v_cache, block_table, block_table.shape[1], slots, positions, o_part,
+        lse_part, scale, H=h, G=g, D=d, BD=bd, RP=max(16, triton.next_power_of_2(h // g)), BS=k_cache.shape[1],
+        BN=32 if d > 128 else 64, NS=num_splits, PREC=_precision(q.dtype), num_warps=4,
     )
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     decode_merge_kernel[(b * h,)](o_part, lse_part, out, D=d, BD=bd, NS=num_splits, num_warps=4)
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, cu_seqlens, slots, positions, max_len, scale):
+def prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, max_len, scale):
     t, h, d = q.shape
     fp32 = q.dtype == torch.float32
     bm, bn = (32, 32) if fp32 or d > 128 else (64, 64)
     qb = triton.cdiv(max_len, bm)
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     prefill_kernel[(slots.shape[0] * qb, h)](
-        q, q.stride(0), q.stride(1), k_cache, v_cache, out, cu_seqlens, slots, positions, scale, k_cache.shape[1],
-        qb, H=h, G=k_cache.shape[2], D=d, BD=triton.next_power_of_2(d), BM=bm, BN=bn, PREC=_precision(q.dtype),
-        num_warps=8 if d > 128 else 4,
+        q, q.stride(0), q.stride(1), k_cache, v_cache, block_table, block_table.shape[1], out, cu_seqlens, slots,
+        positions, scale, qb, H=h, G=k_cache.shape[2], D=d, BD=triton.next_power_of_2(d), BS=k_cache.shape[1], BM=bm,
+        BN=bn, PREC=_precision(q.dtype), num_warps=8 if d > 128 else 4,
     )
     return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              token_slots: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor,
-              lens: list[int], scale: float) -> torch.Tensor:
-    """q [T, H, D]; k, v [T, G, D] (rows may be strided, heads contiguous); caches [S, M, G, D];
-    token_slots, positions [T]; cu_seqlens [N+1]; slots [N] (-1: padding row); lens: host segment lengths.
-    Appends k, v at each token's slot and position, then returns [T, H, D] in q's dtype."""
+              block_table: torch.Tensor, token_slots: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+              slots: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
+    """q [T, H, D]; k, v [T, G, D] (rows may be strided, heads contiguous); caches [NB, BS, G, D]; block_table
+    [S, MB] int32; token_slots, positions [T]; cu_seqlens [N+1]; slots [N] (-1: padding row); lens: host segment
+    lengths. Appends k, v at each token's slot and position, then returns [T, H, D] in q's dtype."""
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous()
-    store_kv(k, v, k_cache, v_cache, token_slots, positions)
+    assert block_table.is_contiguous()
+    store_kv(k, v, k_cache, v_cache, block_table, token_slots, positions)
     if len(lens) == q.shape[0]:  # one token per segment: decode
-        return decode_attention(q, k_cache, v_cache, slots, positions, scale)
-    return prefill_attention(q, k_cache, v_cache, cu_seqlens, slots, positions, max(lens), scale)
+        return decode_attention(q, k_cache, v_cache, block_table, slots, positions, scale)
+    return prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, max(lens), scale)

@@ -1,6 +1,7 @@
 """deltaserve: an inference engine for hybrid Gated-DeltaNet / attention language models."""
 
-from .engine.llm_engine import LLMEngine, RequestOutput
+from .engine.llm_engine import LLMEngine
+from .engine.outputs import RequestOutput
 from .llm import LLM
 from .sampling.params import SamplingParams
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .engine.llm_engine import LLMEngine, RequestOutput
+from .engine.llm_engine import LLMEngine
+from .engine.outputs import RequestOutput
 from .sampling.params import SamplingParams
 
 Prompt = str | list[int]

@@ -17,7 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..engine.llm_engine import LLMEngine, RequestOutput
+from ..engine.llm_engine import LLMEngine
+from ..engine.outputs import RequestOutput
 from ..sampling.params import SamplingParams
 from .protocol import ApiError
 

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from ..engine.llm_engine import RequestOutput
+from ..engine.outputs import RequestOutput
 from ..sampling.params import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .engine_loop import EngineFailure, EngineLoop, Event, Sink

@@ -106,6 +106,23 @@ def test_tp2_with_mtp_speculation_matches_tp1(tmp_path):
     assert two.stats.accepted_tokens == one.stats.accepted_tokens
 
 
+def test_tp2_with_prefix_caching_matches_tp1(tiny_dirs):
+    """A chat's turns resume from snapshots and shared KV blocks on every rank (the cache calls are mirrored)."""
+    kw = dict(KW, max_num_batched_tokens=36, max_num_seqs=4)  # prefill grid 32
+    one = LLMEngine.from_pretrained(tiny_dirs["qwen3_next"], **kw)
+    two = LLMEngine.from_pretrained(tiny_dirs["qwen3_next"], tensor_parallel_size=2, **kw)
+    history = list(range(5, 45))
+    for turn in range(3):
+        outs = []
+        for eng in (one, two):
+            eng.add_request(f"t{turn}", history, SamplingParams(max_tokens=5, temperature=0))
+            while eng.has_unfinished_requests():
+                outs += [o.token_ids for o in eng.step() if o.finished]
+        assert outs[0] == outs[1], turn
+        history = history + outs[0] + [turn + 1] * 7
+    assert one.prefix_cache_stats()["hits_total"] == two.prefix_cache_stats()["hits_total"] == 2
+
+
 def test_a_bad_batch_fails_alone_on_every_rank(tiny_dirs):
     """The worker gets the bad call too, fails alike and waits for the next one: the engine keeps serving."""
     two = LLMEngine.from_pretrained(tiny_dirs["qwen3_5"], max_num_seqs=4, tensor_parallel_size=2, **KW)

@@ -93,9 +93,11 @@ class KVManager:
             self.reserved -= 1
 
     def flush(self) -> None:
-        """Writes the step's block table changes (before the step runs)."""
-        self.cache.set_blocks(self._table_updates)
-        self._table_updates = []
+        """Writes the step's block table changes (before the step runs; none: no call, which under tensor
+        parallelism would be a message to every rank)."""
+        if self._table_updates:
+            self.cache.set_blocks(self._table_updates)
+            self._table_updates = []
 
     def snapshot(self, seq: Sequence, length: int) -> None:
         """Caches the sequence's state, which holds exactly its first `length` tokens, with its KV blocks."""

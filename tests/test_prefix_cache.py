@@ -131,7 +131,7 @@ def test_a_chats_next_turn_costs_only_its_new_tokens(next_dir):
 
 
 def test_hits_at_every_grid_position_match_the_uncached_run(next_dir):
-    on, off = make(next_dir, True, chunk=32, prefix_cache_slots=16), make(next_dir, False, chunk=32)
+    on, off = make(next_dir, True, chunk=32, prefix_cache_slots=32), make(next_dir, False, chunk=32)
     shared = rand_tokens(140, 2)
     drive(on, [("seed", shared, greedy(1), 0, None)])  # grid snapshots at 32, 64, 96, 128; its end at 140
     cached = []

@@ -209,8 +209,10 @@ class LLMEngine:
                 mtp_rows.append((seq, start, h))
                 if was_prefill and seq.prompt_logits_from is not None:
                     seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
-                if was_prefill and seq.num_computed % self.scheduler.chunk == 0:
-                    self.kv.snapshot(seq, seq.num_computed)  # on the prefill grid: where uncached runs split too
+                if was_prefill and (seq.num_computed % self.scheduler.chunk == 0 or not seq.in_prefill):
+                    # on the prefill grid (where uncached runs split too), and at the prompt's end: a chat's next
+                    # turn resumes there when its reply, re-rendered by the chat template, differs from the tokens
+                    self.kv.snapshot(seq, seq.num_computed)
                 if seq.in_prefill:
                     continue
                 if len(seq.output_ids) >= seq.max_tokens:  # prefill-only request (max_tokens == 0)

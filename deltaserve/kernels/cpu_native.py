@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import platform
+import time
 import warnings
 import weakref
 
@@ -74,11 +75,28 @@ def ops(isa: str | None = None):
         # -fopenmp: at::parallel_for is header code, threaded only when compiled with OpenMP; the library
         # resolves to the libgomp torch already loaded, so both share one thread pool
         name = f"deltaserve_cpu_ops_{_sources_digest()}_{isa.replace('-', '_')}"
+        _drop_stale_lock(name)
         return load(name, [os.path.join(CSRC, "cpu_ops.cpp")],
                     extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS[isa]], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler / ninja: the torch path still runs, only slower
         warnings.warn(f"deltaserve: CPU kernels not built ({err}); using the torch path")
         return None
+
+
+STALE_LOCK_S = 600  # a build takes 1-2 minutes here; a lock this old was left by a process killed mid-build
+
+
+def _drop_stale_lock(name: str) -> None:
+    """torch's extension loader waits forever on its build directory's lock file; a process killed while building
+    leaves one behind, and every later load (the server's, the tests') would hang on it."""
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            os.remove(lock)
+            warnings.warn(f"deltaserve: removed a stale build lock {lock}")
+    except OSError:  # no lock: the usual case
+        pass
 
 
 def applies(*tensors: torch.Tensor) -> bool:

@@ -87,6 +87,24 @@ def test_completion_is_the_offline_greedy_answer(server, offline):
     assert by_ids["choices"][0]["text"] == got.choices[0].text
 
 
+def test_a_chats_next_turn_reports_its_cached_prompt_tokens(server):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field) and /metrics' prefix cache counters: the second
+    turn resumes where the first ended (its prompt + reply, but the reply's last token, which it feeds again)."""
+    c = client(server)
+    messages = [{"role": "user", "content": "Tell me about os.path and sys.argv, " * 6}]
+    first = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    before = metrics(server)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And pathlib?"}]
+    second = c.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+    after = metrics(server)
+    assert after["prefix_cache_cached_tokens_total"] - before["prefix_cache_cached_tokens_total"] == cached
+    assert after["prefix_cache_hits_total"] == before["prefix_cache_hits_total"] + 1
+    assert after["prefix_cache_snapshots"] >= 1 and after["prefix_cache_kv_blocks_total"] > 0
+
+
 def test_completion_stream(server):
     c = client(server)
     whole = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=10, temperature=0)

@@ -1,5 +1,5 @@
 """Which KV blocks each running sequence holds, and the prefix cache: hits at admission, snapshots after prefill
-chunks and at a request's end.
+chunks on the grid, at the prompt's end and at a request's end.
 
 Admission reserves the blocks a request can need (prompt + max_tokens + drafts, up to max_model_len) so that
 nothing is ever preempted; blocks are allocated as positions are reached. A hit shares the prefix's full blocks,

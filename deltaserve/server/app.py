@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from ..cache.state_cache import KV_BLOCK
 from ..engine.llm_engine import LLMEngine
 from ..tokenizer import load_tokenizer
 from .chat_template import ChatTemplate
@@ -47,6 +48,15 @@ class ServerConfig:
     tensor_parallel_size: int = 1  # processes the model is split over
     enable_prefix_caching: bool = True  # reuse earlier requests' KV blocks and state snapshots
     prefix_cache_slots: int | None = None  # snapshots kept (None: the engine's default)
+    kv_cache_tokens: int | None = None  # positions the paged KV pool holds (None: max_num_seqs x max_model_len)
+
+    def engine_options(self) -> dict:
+        """The LLMEngine options this configuration sets."""
+        return dict(max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len,
+                    max_num_batched_tokens=self.max_num_batched_tokens, spec_tokens=self.spec_tokens,
+                    overlap_decode=self.overlap_decode, enable_prefix_caching=self.enable_prefix_caching,
+                    prefix_cache_slots=self.prefix_cache_slots,
+                    num_kv_blocks=None if self.kv_cache_tokens is None else -(-self.kv_cache_tokens // KV_BLOCK))
 
     @property
     def model_name(self) -> str:
@@ -58,12 +68,9 @@ def create_app(config: ServerConfig, make_engine: Callable[[], LLMEngine] | None
     """make_engine (default: load config.model) runs on the engine thread; tests pass their own."""
     if make_engine is None:
         def make_engine() -> LLMEngine:
-            return LLMEngine.from_pretrained(
-                config.model, device=config.device, dtype=config.dtype, max_num_seqs=config.max_num_seqs,
-                max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-                spec_tokens=config.spec_tokens, overlap_decode=config.overlap_decode,
-                tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=config.enable_prefix_caching,
-                prefix_cache_slots=config.prefix_cache_slots)
+            return LLMEngine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
+                                             tensor_parallel_size=config.tensor_parallel_size,
+                                             **config.engine_options())
     engine = EngineLoop(make_engine, config.max_queue, on_load_failure)
     tokenizer = load_tokenizer(config.model)
     if Path(config.model).is_dir():

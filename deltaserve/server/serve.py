@@ -46,12 +46,13 @@ def run_server(model_path: str | Path, host: str = "127.0.0.1", port: int = 8080
                api_key: str | None = None, max_model_len: int = 4096, max_queue: int = 256, device: str = "cpu",
                dtype: str = "auto", served_model_name: str | None = None, graceful_timeout: float = GRACEFUL_TIMEOUT_S,
                log_level: str = "info", spec_tokens: int = 0, tensor_parallel_size: int = 1,
-               enable_prefix_caching: bool = True, prefix_cache_slots: int | None = None) -> None:
+               enable_prefix_caching: bool = True, prefix_cache_slots: int | None = None,
+               kv_cache_tokens: int | None = None) -> None:
     """Serves the OpenAI API until interrupted; raises RuntimeError if the model fails to load."""
     config = ServerConfig(model_path, served_model_name, api_key, max_num_seqs, max_model_len, max_queue,
                           device=device, dtype=dtype, spec_tokens=spec_tokens,
                           tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
-                          prefix_cache_slots=prefix_cache_slots)
+                          prefix_cache_slots=prefix_cache_slots, kv_cache_tokens=kv_cache_tokens)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # no-op if set up
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
@@ -102,6 +103,9 @@ def add_prefix_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-cache-slots", type=int, default=None,
                         help="recurrent-state snapshots the prefix cache keeps, each the size of one sequence's "
                              "state (default max(8, --parallel))")
+    parser.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="positions the paged KV cache holds, shared by all sequences (default --parallel x "
+                             "--max-model-len); a request whose prompt + max_tokens cannot fit is refused")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
@@ -109,4 +113,5 @@ def serve_from_args(args: argparse.Namespace) -> None:
                max_model_len=args.max_model_len, max_queue=args.max_queue, device=args.device, dtype=args.dtype,
                served_model_name=args.served_model_name, graceful_timeout=args.graceful_timeout,
                spec_tokens=args.spec_tokens, tensor_parallel_size=args.tensor_parallel_size,
-               enable_prefix_caching=not args.no_prefix_cache, prefix_cache_slots=args.prefix_cache_slots)
+               enable_prefix_caching=not args.no_prefix_cache, prefix_cache_slots=args.prefix_cache_slots,
+               kv_cache_tokens=args.kv_cache_tokens)

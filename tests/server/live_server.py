@@ -57,9 +57,7 @@ class LiveServer:
         def make_engine() -> LLMEngine:
             if before_load:
                 before_load()
-            engine = LLMEngine.from_pretrained(config.model, max_num_seqs=config.max_num_seqs,
-                                               max_model_len=config.max_model_len, spec_tokens=config.spec_tokens,
-                                               overlap_decode=config.overlap_decode)
+            engine = LLMEngine.from_pretrained(config.model, **config.engine_options())
             for name in ("run", "launch_decode"):  # every way a step reaches the model
                 setattr(engine.runner, name, self._faulty(getattr(engine.runner, name)))
             return engine

@@ -412,3 +412,19 @@ def test_speculative_decoding_server_counts_drafts():
         assert m["spec_draft_tokens_total"] > 0 and 0 < m["spec_accepted_tokens_total"] <= m["spec_draft_tokens_total"]
     finally:
         live.stop()
+
+
+def test_kv_cache_size_and_no_prefix_cache_options(model_dir):
+    live = LiveServer(ServerConfig(model_dir, served_model_name="tiny", api_key=API_KEY, max_num_seqs=2,
+                                   max_model_len=256, kv_cache_tokens=300, enable_prefix_caching=False))
+    try:
+        live.wait_ready()
+        c = client(live)
+        for _ in range(2):  # the same prompt twice: nothing cached with the cache off
+            reply = c.completions.create(model="tiny", prompt=PROMPTS[2] * 4, max_tokens=4, temperature=0)
+            assert reply.usage.prompt_tokens_details.cached_tokens == 0
+        m = metrics(live)
+        assert m["prefix_cache_kv_blocks_total"] == 19 and m["prefix_cache_snapshot_slots"] == 0  # ceil(300 / 16)
+        assert m["prefix_cache_queries_total"] == 0
+    finally:
+        live.stop()

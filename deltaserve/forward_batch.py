@@ -80,6 +80,7 @@ class ForwardBatch:
     num_slots: tuple[int, int] = (0, 0)  # build_batch's (num_slots, num_state_slots)
     block_table: torch.Tensor | None = None  # [S, MB] int32: the KV cache's blocks per slot (the cache's own tensor)
     _conv_index: dict = field(default_factory=dict)
+    _chunk_meta: dict = field(default_factory=dict)
     _parts: list[ForwardBatch] | None = None
 
     @property
@@ -140,6 +141,24 @@ class ForwardBatch:
             window = torch.where(q < w, s * w + q, n * w + self.cu_seqlens[:-1, None] + q - w)
             self._conv_index[kernel] = (taps, window, *self._snapshot_windows(w))
         return self._conv_index[kernel]
+
+    def chunk_meta(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For chunked kernels over segments first..N-1 (fla's varlen convention): (cu_seqlens [M+1] counted from
+        their first token, chunk index [NT, 2] = (segment, chunk within it) of every `size`-token chunk). Built once
+        per batch from the host lengths and sent in one non-blocking copy, so the layers that read it never wait
+        for the device."""
+        key = (first, size)
+        if key not in self._chunk_meta:
+            lens = self.lens[first:]
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            index = [v for s, n in enumerate(lens) for c in range(-(-n // size)) for v in (s, c)]
+            host = torch.tensor(cu + index, dtype=torch.long)
+            dev = self.cu_seqlens.device
+            flat = (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
+            self._chunk_meta[key] = (flat[:len(cu)], flat[len(cu):].view(-1, 2))
+        return self._chunk_meta[key]
 
     def _snapshot_windows(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [P] and gather rows [P, K-1] of the window after each snapshotted token."""
@@ -225,8 +244,8 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         seg_of += [j] * lens[j]
         logit_rows += range(cu[j + 1] - s.num_logits, cu[j + 1])
 
-    def tensor(x, dtype=torch.long):
-        return torch.tensor(x, dtype=dtype, device=device)
+    def tensor(x, dtype=torch.long):  # built on the host, sent to the device in one copy at the end
+        return torch.tensor(x, dtype=dtype)
 
     slots = tensor([s.slot for s in segs])
     reset = tensor([s.start_pos == 0 for s in segs], torch.bool)
@@ -238,7 +257,7 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         lo, hi = kinds.index(k), len(kinds) - kinds[::-1].index(k)
         g_lens = lens[lo:hi]
         width = max(g_lens)
-        local = torch.arange(width, device=device)[None, :]
+        local = torch.arange(width)[None, :]
         g_len_t = tensor(g_lens)
         valid = local < g_len_t[:, None]
         rows = tensor(cu[lo:hi])[:, None] - cu[lo] + local
@@ -255,7 +274,7 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
             snapshot_slots=tensor([list(s.snapshot_slots) + [-1] * (width - 1 - len(s.snapshot_slots))
                                    for s in segs[lo:hi]]) if k == "verify" else None,
         ))
-    return ForwardBatch(
+    batch = ForwardBatch(
         input_ids=tensor(ids),
         positions=tensor(pos),
         token_slots=slots[tensor(seg_of)],
@@ -275,3 +294,29 @@ def build_batch(segments: list[Segment], num_slots: int, device: torch.device | 
         num_slots=(num_slots, num_state_slots),
         block_table=block_table,
     )
+    return _to_device(batch, torch.device(device))
+
+
+TENSOR_FIELDS = ("input_ids", "positions", "token_slots", "token_segment", "cu_seqlens", "slots", "reset",
+                 "logits_index")
+GROUP_FIELDS = ("slots", "reset", "start_pos", "lens", "pad_index", "valid", "snapshot_slots")
+
+
+def _to_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
+    """The batch's host tensors moved to device in one non-blocking copy from pinned memory (a copy per tensor
+    from pageable memory would wait for the device each time, stalling a step launched behind the running one).
+    Each lands as a view of the copy in its own dtype and shape: 8-byte tensors first, so every view is aligned."""
+    if device.type == "cpu":
+        return batch
+    owners = [(batch, f) for f in TENSOR_FIELDS] + [(g, f) for g in batch.groups for f in GROUP_FIELDS
+                                                    if getattr(g, f) is not None]
+    owners.sort(key=lambda o: -getattr(*o).element_size())
+    host = [getattr(*o).contiguous() for o in owners]
+    staged = torch.cat([t.reshape(-1).view(torch.uint8) for t in host]).pin_memory()
+    flat = staged.to(device, non_blocking=True)
+    start = 0
+    for (obj, name), t in zip(owners, host):
+        size = t.numel() * t.element_size()
+        setattr(obj, name, flat[start:start + size].view(t.dtype).view(t.shape))
+        start += size
+    return batch

@@ -56,6 +56,16 @@ def test_conv_index_gathers_window_then_tokens():
     assert window.tolist() == [[1, 4], [6, 7]]
 
 
+def test_chunk_meta_indexes_every_chunk_of_the_prefill_segments():
+    segs = [Segment([1], 5, 0), Segment(list(range(130)), 0, 1), Segment(list(range(64)), 64, 2),
+            Segment(list(range(3)), 9, 3)]
+    b = build_batch(segs, 4)
+    cu, index = b.chunk_meta(1, 64)  # the three multi-token segments, counted from their first token
+    assert cu.tolist() == [0, 130, 194, 197]
+    assert index.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [2, 0]]
+    assert b.chunk_meta(1, 64)[0] is cu  # built once per batch: every layer reads the same tensors
+
+
 @pytest.mark.parametrize("segs,msg", [
     ([], "empty"),
     ([Segment([], 0, 0)], "no tokens"),

@@ -1,6 +1,9 @@
 """CUDA decode and prefill speed (issue 7): deltaserve against its HBM roofline and HF transformers.
 
-Two configs with real layer dimensions and RANDOM bf16 weights (HF's initialisation, seed 0):
+Configs with real layer dimensions and RANDOM bf16 weights (HF's initialisation, seed 0):
+- qwen3.5-0.8b: a Qwen3.5-0.8B-class text model: 24 layers (18 GDN + 6 attention), hidden 1024, GDN 16 QK / 16 V
+  heads of 128, attention 8 Q / 2 KV heads of 256, MLP 3584, vocab 248320, tied embeddings (small matrices: the
+  per-kernel cost shows).
 - qwen3.5-2b: Qwen3.5-2B's text model, all 24 layers (18 GDN + 6 attention), hidden 2048, GDN 16 QK / 16 V
   heads of 128, attention 8 Q / 2 KV heads of 256, MLP 6144, vocab 248320, tied embeddings.
 - qwen3-next-8l: Qwen3-Next-80B-A3B's layer dimensions, 8 of its 48 layers (6 GDN + 2 attention) so that the
@@ -41,6 +44,10 @@ from deltaserve.layers.model import HybridModel
 from deltaserve.weights.hf_layout import hf_recipes
 
 CONFIGS = {
+    "qwen3.5-0.8b": ("qwen3_5", dict(
+        vocab_size=248320, hidden_size=1024, num_hidden_layers=24, intermediate_size=3584, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+        linear_key_head_dim=128, linear_value_head_dim=128, tie_word_embeddings=True)),
     "qwen3.5-2b": ("qwen3_5", dict(
         vocab_size=248320, hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, num_attention_heads=8,
         num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,

@@ -25,6 +25,7 @@ import datetime
 import gc
 
 import torch
+import triton
 from triton.testing import do_bench
 
 from bench_cuda import CONFIGS, PREFILL, copy_bandwidth, ours_decode, prefill
@@ -149,26 +150,52 @@ def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
 GEMV_SHAPES = [(12352, 2048), (2048, 4096), (2048, 512), (151936, 2048)]
 
 
-GEMV_VARIANTS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 1024, 8)]
+# (kind, BN, BK, warps): "gemv" = qgemv_kernel (CUDA cores, per-group dots), "mma" = qgemm_kernel with one
+# row padded to 16 (dequantized tiles on tensor cores); BK 0 = the whole row in one step (K <= 4096)
+GEMV_VARIANTS = [("gemv", 2, 0, 4), ("gemv", 2, 0, 8), ("gemv", 1, 0, 4), ("gemv", 8, 256, 4), ("mma", 64, 64, 4),
+                 ("mma", 32, 128, 4)]
+
+
+def launch_variant(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor, variant: tuple) -> None:
+    kind, bn, bk, warps = variant
+    seg, (n, k) = w.segments[0], w.shape
+    bk = bk or k
+    q, s, q2, d, fmt, gs, rb = ql.kernel_args(seg, bk)
+    if kind == "gemv":
+        ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
+                                               num_warps=warps)
+    else:
+        ql.qgemm_kernel[(1, triton.cdiv(n, bn))](x, x.stride(0), q, s, q2, d, out, out.stride(0), 1, n, K=k, FMT=fmt,
+                                                 BM=16, BN=bn, BK=bk, GS=gs, RB=rb, PREC="tf32", num_warps=warps)
 
 
 def kernels(bandwidth: float, sweep: bool) -> list[str]:
-    """GEMV (one bf16 row) per format and shape: weight bytes / time, against copy bandwidth; the default blocks,
-    or (sweep) every (BN, BK, warps) of GEMV_VARIANTS."""
-    lines = ["| format | N x K | BN, BK, warps | weight MB | us | GB/s | x copy bandwidth |",
+    """GEMV (one bf16 row) per format and shape: weight bytes / time, against copy bandwidth; the default path
+    (qlinear), or (sweep) every variant of GEMV_VARIANTS, each checked against the default's result. Weights
+    rotate through copies of > 120 MB in all, so no call finds its weight in L2 (50 MB)."""
+    lines = ["| format | N x K | variant | weight MB | us | GB/s | x copy bandwidth |",
              "|---|---|---|---|---|---|---|"]
-    default = (ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS)
     for fmt in ("fp8", "q8_0", "q4_k", "q6_k"):
-        for n, k in GEMV_SHAPES:
-            w = quantize_planar(torch.randn(n, k, device="cuda"), fmt)
+        for n, k in GEMV_SHAPES if not sweep else [s for s in GEMV_SHAPES if s[1] != 512]:
+            w0 = quantize_planar(torch.randn(n, k, device="cuda"), fmt)
+            ws = [w0] + [quantize_planar(torch.randn(n, k, device="cuda"), fmt)
+                         for _ in range(min(63, int(120e6 // w0.nbytes)))]
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            for variant in GEMV_VARIANTS if sweep else [default]:
-                ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS = variant
-                t = do_bench(lambda: ql.qlinear(x, w), warmup=25, rep=100, return_mode="median") / 1e3
-                lines.append(f"| {fmt} | {n} x {k} | {variant} | {w.nbytes / 1e6:.1f} | {t * 1e6:.1f} | "
-                             f"{w.nbytes / t / 1e9:.0f} | {w.nbytes / t / bandwidth:.2f} |")
+            want = ql.qlinear(x, w0).float()
+            out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
+            runs = [("qlinear", lambda w: ql.qlinear(x, w, out))]
+            if sweep:
+                runs += [(v, lambda w, v=v: launch_variant(x, w, out, v)) for v in GEMV_VARIANTS
+                         if v[2] or k <= 4096]
+            for name, fn in runs:
+                fn(w0)
+                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+                it = iter(range(10 ** 9))
+                t = do_bench(lambda: fn(ws[next(it) % len(ws)]), warmup=25, rep=100, return_mode="median") / 1e3
+                lines.append(f"| {fmt} | {n} x {k} | {name} | {w0.nbytes / 1e6:.1f} | {t * 1e6:.1f} | "
+                             f"{w0.nbytes / t / 1e9:.0f} | {w0.nbytes / t / bandwidth:.2f} |"
+                             + (f" err {err:.1e}" if err > 1e-2 else ""))
                 print(lines[-1], flush=True)
-    ql.GEMV_BN, ql.GEMV_BK, ql.GEMV_WARPS = default
     return lines
 
 

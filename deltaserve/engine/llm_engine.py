@@ -46,6 +46,8 @@ class LLMEngine:
         enable_prefix_caching: reuse the KV blocks and recurrent-state snapshots of earlier requests' prefixes;
         prefix_cache_slots: snapshots kept (each one state slot; default max(8, max_num_seqs)); num_kv_blocks: KV
         cache blocks of 16 positions (default: max_num_seqs x max_model_len positions).
+        max_num_batched_tokens: tokens per step, which also fixes the prompt chunk grid (default 8192 on CUDA, where
+        64 prompts of 128 tokens took half the time of 2048 (benchmarks/RESULTS.md, issue 17); 2048 on the CPU).
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
         the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
         tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
@@ -69,7 +71,7 @@ class LLMEngine:
         self.kv = KVManager(self.runner.cache, max_model_len, spec_tokens, list(range(first, first + snapshots)))
         log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
         self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
-        budget = max_num_batched_tokens or max(2048, max_num_seqs)
+        budget = max_num_batched_tokens or max(8192 if self.device.type == "cuda" else 2048, max_num_seqs)
         # prompts split where they would be alone: chunks that fit beside every running sequence's decode
         self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens),
                                    admit=self.kv.admit, release=self.kv.release)

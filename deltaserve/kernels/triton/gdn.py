@@ -44,33 +44,39 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     if n_rec == n_seg:
         return gdn_recurrent(x, a, b, A_log, dt_bias, ssm_pool, batch.cu_seqlens, batch.slots, batch.reset,
                              num_k_heads, snaps)
-    h, dv = ssm_pool.shape[1], ssm_pool.shape[3]
-    out = torch.empty(x.shape[0], h, dv, dtype=x.dtype, device=x.device)
     t0 = sum(batch.lens[:n_rec])
-    if n_rec:
-        out[:t0] = gdn_recurrent(x[:t0], a[:t0], b[:t0], A_log, dt_bias, ssm_pool, batch.cu_seqlens[:n_rec + 1],
-                                 batch.slots[:n_rec], batch.reset[:n_rec], num_k_heads,
-                                 None if snaps is None else snaps[:n_rec])
-    out[t0:] = chunked_by_slot(x[t0:], a[t0:], b[t0:], A_log, dt_bias, ssm_pool, batch.slots[n_rec:],
-                               batch.reset[n_rec:], batch.lens[n_rec:], num_k_heads, k_head_dim)
-    return out
+    prefill = chunked_by_slot(x[t0:], a[t0:], b[t0:], A_log, dt_bias, ssm_pool, batch.slots[n_rec:],
+                              batch.reset[n_rec:], batch.chunk_meta(n_rec, CHUNK), num_k_heads, k_head_dim)
+    if not n_rec:
+        return prefill
+    decode = gdn_recurrent(x[:t0], a[:t0], b[:t0], A_log, dt_bias, ssm_pool, batch.cu_seqlens[:n_rec + 1],
+                           batch.slots[:n_rec], batch.reset[:n_rec], num_k_heads,
+                           None if snaps is None else snaps[:n_rec])
+    return torch.cat([decode, prefill])
 
 
-def chunked_by_slot(x, a, b, A_log, dt_bias, pool, slots, reset, lens: list[int], num_k_heads: int, dk: int):
-    """fla's chunked gated delta rule over prefill segments (x [T, C] after the conv, lens host ints)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+CHUNK = 64  # fla's chunk of the chunked delta rule
+
+
+def chunked_by_slot(x, a, b, A_log, dt_bias, pool, slots, reset, meta: tuple[torch.Tensor, torch.Tensor],
+                    num_k_heads: int, dk: int):
+    """fla's chunked gated delta rule over prefill segments: x [T, C] after the conv; a, b [T, H] raw gate inputs;
+    meta = (cu_seqlens, chunk index) from ForwardBatch.chunk_meta. Calls fla below its autograd Function with the
+    step's chunk index, so nothing here copies to or waits for the host; the decay gate is computed inside fla's
+    chunk cumsum (g = -exp(A_log) * softplus(a + dt_bias), as the recurrent kernel does)."""
+    from fla.modules.norm.l2norm import l2norm_fwd
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
     t, h, dv = x.shape[0], pool.shape[1], pool.shape[3]
     kd = num_k_heads * dk
     q, k, v = x.split([kd, kd, h * dv], dim=-1)
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())  # [T, H] log decay
-    beta = b.float().sigmoid()
-    cu_cpu = torch.tensor([0] + lens, dtype=torch.long).cumsum(0)
+    q = l2norm_fwd(q.reshape(1, t, num_k_heads, dk).contiguous())[0]  # [1, T, Hk, Dk]
+    k = l2norm_fwd(k.reshape(1, t, num_k_heads, dk).contiguous())[0]
     h0 = pool[slots] * ~reset[:, None, None, None]  # [N, H, Dk, Dv] initial states, zero on reset
-    o, ht = chunk_gated_delta_rule(
-        q.reshape(1, t, num_k_heads, dk), k.reshape(1, t, num_k_heads, dk), v.reshape(1, t, h, dv),
-        g[None], beta[None], scale=dk ** -0.5, initial_state=h0, output_final_state=True,
-        use_qk_l2norm_in_kernel=True, cu_seqlens=cu_cpu.to(x.device, non_blocking=True), cu_seqlens_cpu=cu_cpu,
-    )
-    pool.index_copy_(0, slots, ht.float())
+    cu, index = meta
+    _, o, _, ht, _, _ = chunk_gated_delta_rule_fwd(
+        q, k, v.reshape(1, t, h, dv).contiguous(), a[None].contiguous(), b.float().sigmoid()[None], scale=dk ** -0.5,
+        initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_indices=index, use_gate_in_kernel=True,
+        A_log=A_log, dt_bias=dt_bias, chunk_size=CHUNK)
+    pool.index_copy_(0, slots, ht)
     return o[0]

@@ -154,10 +154,22 @@ def kernel_args(seg: PlanarSegment, bk: int) -> tuple:
 def block_k(fmt: str, k: int, most: int) -> int:
     """The widest BK <= most dividing K that holds whole scale groups (0: none)."""
     least = {"fp8": 16, "q8_0": 32, "q4_k": 32, "q6_k": 16}.get(fmt, 16)
-    return next((b for b in (1024, 512, 256, 128, 64, 32, 16) if b <= most and b >= least and k % b == 0), 0)
+    sizes = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
+    return next((b for b in sizes if least <= b <= most and k % b == 0), 0)
 
 
 GEMV_BN, GEMV_BK, GEMV_WARPS = 4, 1024, 4  # rows per program, columns per step, warps (bench_cuda_quant.py)
+
+
+def gemv_blocks(fmt: str, n: int, k: int) -> tuple[int, int]:
+    """(rows per program, columns per step) of the one-row GEMV: the whole row in one step, 2 rows a program, where
+    K <= 4096 is one block (a power of two) and N <= 4096 or the format is q6_k (bench_cuda_quant.py --sweep, H100:
+    12-17% faster there; 4-12% slower for fp8 / q8_0 / q4_k with N >= 12352); else GEMV_BN x GEMV_BK."""
+    if k <= 4096 and block_k(fmt, k, k) == k and (n <= 4096 or fmt == "q6_k"):
+        return 2, k
+    return GEMV_BN, block_k(fmt, k, GEMV_BK)
+
+
 GEMM_BN, GEMM_BK = 64, 64
 
 
@@ -184,10 +196,10 @@ def segment_product(x: torch.Tensor, seg: PlanarSegment, out: torch.Tensor) -> N
     t, k = x.shape
     n = seg.rows
     if t == 1:
-        bk = block_k(seg.fmt, k, GEMV_BK)
+        bn, bk = gemv_blocks(seg.fmt, n, k)
         q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
-        qgemv_kernel[(triton.cdiv(n, GEMV_BN),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=GEMV_BN, BK=bk, GS=gs, RB=rb,
-                                                 num_warps=GEMV_WARPS)
+        qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
+                                            num_warps=GEMV_WARPS)
         return
     bk = block_k(seg.fmt, k, GEMM_BK)
     q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)

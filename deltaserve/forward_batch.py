@@ -79,8 +79,7 @@ class ForwardBatch:
     segments: list[Segment] = field(default_factory=list)  # in batch order
     num_slots: tuple[int, int] = (0, 0)  # build_batch's (num_slots, num_state_slots)
     block_table: torch.Tensor | None = None  # [S, MB] int32: the KV cache's blocks per slot (the cache's own tensor)
-    _conv_index: dict = field(default_factory=dict)
-    _chunk_meta: dict = field(default_factory=dict)
+    derived: dict = field(default_factory=dict)  # tensors kernels derive from the batch, built once per batch, by key
     _parts: list[ForwardBatch] | None = None
 
     @property
@@ -118,37 +117,13 @@ class ForwardBatch:
         """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
         return self.slot_ids[0] if len(self.lens) == 1 and not self.snapshots else None
 
-    def conv_index(self, kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather indices for a causal conv of width K over all segments at once.
-
-        The conv input of segment s is its K-1 window rows followed by its tokens. Windows of all
-        segments are stacked first ([N*(K-1), C]), then the batch's tokens ([T, C]).
-        Returns tap_index [T, K] (rows feeding each output) and window_index [N, K-1] (rows that
-        form each segment's next window).
-        """
-        if kernel not in self._conv_index:
-            w = kernel - 1
-            n = self.num_segments
-            dev = self.cu_seqlens.device
-            t = torch.arange(len(self.positions), device=dev)
-            local = t - self.cu_seqlens[self.token_segment]  # [T]
-            p = local[:, None] + torch.arange(kernel, device=dev)  # [T, K] position in the segment's input
-            seg = self.token_segment[:, None]
-            taps = torch.where(p < w, seg * w + p, n * w + t[:, None] + p - local[:, None] - w)
-            lens = torch.tensor(self.lens, device=dev)
-            q = lens[:, None] + torch.arange(w, device=dev)  # [N, K-1]
-            s = torch.arange(n, device=dev)[:, None]
-            window = torch.where(q < w, s * w + q, n * w + self.cu_seqlens[:-1, None] + q - w)
-            self._conv_index[kernel] = (taps, window, *self._snapshot_windows(w))
-        return self._conv_index[kernel]
-
     def chunk_meta(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For chunked kernels over segments first..N-1 (fla's varlen convention): (cu_seqlens [M+1] counted from
         their first token, chunk index [NT, 2] = (segment, chunk within it) of every `size`-token chunk). Built once
         per batch from the host lengths and sent in one non-blocking copy, so the layers that read it never wait
         for the device."""
-        key = (first, size)
-        if key not in self._chunk_meta:
+        key = ("chunks", first, size)
+        if key not in self.derived:
             lens = self.lens[first:]
             cu = [0]
             for n in lens:
@@ -157,26 +132,8 @@ class ForwardBatch:
             host = torch.tensor(cu + index, dtype=torch.long)
             dev = self.cu_seqlens.device
             flat = (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
-            self._chunk_meta[key] = (flat[:len(cu)], flat[len(cu):].view(-1, 2))
-        return self._chunk_meta[key]
-
-    def _snapshot_windows(self, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots [P] and gather rows [P, K-1] of the window after each snapshotted token."""
-        slots, rows = [], []
-        n, first = self.num_segments, 0
-        for grp in self.groups:
-            if grp.kind == "verify":
-                for b, seg_slots in enumerate(grp.snapshot_slots.tolist()):
-                    seg, start = first + b, int(self.cu_seqlens[first + b])
-                    for j, slot in enumerate(seg_slots):
-                        if slot >= 0:  # window after token j: positions j+1 .. j+K-1 of the segment's input
-                            q = [j + 1 + i for i in range(w)]
-                            rows.append([seg * w + p if p < w else n * w + start + p - w for p in q])
-                            slots.append(slot)
-            first += len(grp.lens)
-        dev = self.cu_seqlens.device
-        return (torch.tensor(slots, dtype=torch.long, device=dev),
-                torch.tensor(rows, dtype=torch.long, device=dev).view(-1, w))
+            self.derived[key] = (flat[:len(cu)], flat[len(cu):].view(-1, 2))
+        return self.derived[key]
 
     def split_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
         """Rows of `logits` ([R, V]) per segment, in the caller's original segment order."""

@@ -6,6 +6,7 @@ import torch
 from deltaserve.cache.slot_table import SlotTable
 from deltaserve.forward_batch import BatchError, Segment, build_batch
 from deltaserve.engine.batch import decompose_tokens
+from deltaserve.kernels import reference
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence, Status
 from deltaserve.sampling.params import SamplingParams
@@ -50,7 +51,7 @@ def test_build_batch_orders_decodes_first_and_maps_back():
 
 def test_conv_index_gathers_window_then_tokens():
     b = build_batch([Segment([1], 4, 3), Segment([1, 1, 1], 0, 0)], 4)
-    taps, window, _, _ = b.conv_index(3)  # K = 3: windows are 2 rows each, stacked before the 4 tokens
+    taps, window, _, _ = reference.conv_index(b, 3)  # K = 3: windows are 2 rows each, stacked before the 4 tokens
     # segment 0 (decode): window rows 0, 1 then its token (row 4); segment 1: window rows 2, 3 then tokens 5..7
     assert taps.tolist() == [[0, 1, 4], [2, 3, 5], [3, 5, 6], [5, 6, 7]]
     assert window.tolist() == [[1, 4], [6, 7]]

@@ -21,6 +21,52 @@ CHUNK = 64  # chunk length of the chunked delta rule
 
 # ---------------------------------------------------------------- causal conv ----
 
+def conv_index(batch: ForwardBatch, kernel: int) -> tuple[torch.Tensor, ...]:
+    """Gather indices for a causal conv of width K over all segments at once (once per batch).
+
+    The conv input of segment s is its K-1 window rows followed by its tokens. Windows of all
+    segments are stacked first ([N*(K-1), C]), then the batch's tokens ([T, C]).
+    Returns tap_index [T, K] (rows feeding each output), window_index [N, K-1] (rows that form each
+    segment's next window), and the snapshot slots [P] and rows [P, K-1] of the window after each
+    snapshotted token (speculative verify).
+    """
+    key = ("conv", kernel)
+    if key not in batch.derived:
+        w = kernel - 1
+        n = batch.num_segments
+        dev = batch.cu_seqlens.device
+        t = torch.arange(len(batch.positions), device=dev)
+        local = t - batch.cu_seqlens[batch.token_segment]  # [T]
+        p = local[:, None] + torch.arange(kernel, device=dev)  # [T, K] position in the segment's input
+        seg = batch.token_segment[:, None]
+        taps = torch.where(p < w, seg * w + p, n * w + t[:, None] + p - local[:, None] - w)
+        lens = torch.tensor(batch.lens, device=dev)
+        q = lens[:, None] + torch.arange(w, device=dev)  # [N, K-1]
+        s = torch.arange(n, device=dev)[:, None]
+        window = torch.where(q < w, s * w + q, n * w + batch.cu_seqlens[:-1, None] + q - w)
+        batch.derived[key] = (taps, window, *_snapshot_windows(batch, w))
+    return batch.derived[key]
+
+
+def _snapshot_windows(batch: ForwardBatch, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots [P] and gather rows [P, K-1] of the window after each snapshotted token."""
+    slots, rows = [], []
+    n, first = batch.num_segments, 0
+    for grp in batch.groups:
+        if grp.kind == "verify":
+            for b, seg_slots in enumerate(grp.snapshot_slots.tolist()):
+                seg, start = first + b, int(batch.cu_seqlens[first + b])
+                for j, slot in enumerate(seg_slots):
+                    if slot >= 0:  # window after token j: positions j+1 .. j+K-1 of the segment's input
+                        q = [j + 1 + i for i in range(w)]
+                        rows.append([seg * w + p if p < w else n * w + start + p - w for p in q])
+                        slots.append(slot)
+        first += len(grp.lens)
+    dev = batch.cu_seqlens.device
+    return (torch.tensor(slots, dtype=torch.long, device=dev),
+            torch.tensor(rows, dtype=torch.long, device=dev).view(-1, w))
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
     """Depthwise causal conv + SiLU over every segment, continuing each slot's window.
 
@@ -42,7 +88,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, pool: torch.Tensor, batch
         return F.silu(out)
     init = pool[batch.slots] * ~batch.reset[:, None, None]  # [N, K-1, C]
     ext = torch.cat([init.reshape(-1, x.shape[1]), x])  # [N*(K-1) + T, C]
-    taps, windows, snap_slots, snap_rows = batch.conv_index(weight.shape[1])
+    taps, windows, snap_slots, snap_rows = conv_index(batch, weight.shape[1])
     out = torch.einsum("tkc,ck->tc", ext[taps], weight)
     pool.index_copy_(0, batch.slots, ext[windows].detach())
     if batch.snapshots:  # speculative verify: the window after every token, one slot each

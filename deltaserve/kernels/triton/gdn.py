@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...forward_batch import ForwardBatch
+from .chunk_inputs import chunk_inputs, initial_states
 from .conv import causal_conv
 from .recurrent import gdn_recurrent
 
@@ -64,19 +65,13 @@ def chunked_by_slot(x, a, b, A_log, dt_bias, pool, slots, reset, meta: tuple[tor
     meta = (cu_seqlens, chunk index) from ForwardBatch.chunk_meta. Calls fla below its autograd Function with the
     step's chunk index, so nothing here copies to or waits for the host; the decay gate is computed inside fla's
     chunk cumsum (g = -exp(A_log) * softplus(a + dt_bias), as the recurrent kernel does)."""
-    from fla.modules.norm.l2norm import l2norm_fwd
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
-    t, h, dv = x.shape[0], pool.shape[1], pool.shape[3]
-    kd = num_k_heads * dk
-    q, k, v = x.split([kd, kd, h * dv], dim=-1)
-    q = l2norm_fwd(q.reshape(1, t, num_k_heads, dk).contiguous())[0]  # [1, T, Hk, Dk]
-    k = l2norm_fwd(k.reshape(1, t, num_k_heads, dk).contiguous())[0]
-    h0 = pool[slots] * ~reset[:, None, None, None]  # [N, H, Dk, Dv] initial states, zero on reset
+    h, dv = pool.shape[1], pool.shape[3]
+    q, k, v, a, beta = chunk_inputs(x, a, b, num_k_heads, dk, h, dv)  # q, k normed [1, T, Hk, Dk]; v [1, T, H, Dv]
     cu, index = meta
     _, o, _, ht, _, _ = chunk_gated_delta_rule_fwd(
-        q, k, v.reshape(1, t, h, dv).contiguous(), a[None].contiguous(), b.float().sigmoid()[None], scale=dk ** -0.5,
-        initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_indices=index, use_gate_in_kernel=True,
-        A_log=A_log, dt_bias=dt_bias, chunk_size=CHUNK)
+        q, k, v, a, beta, scale=dk ** -0.5, initial_state=initial_states(pool, slots, reset), output_final_state=True,
+        cu_seqlens=cu, chunk_indices=index, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, chunk_size=CHUNK)
     pool.index_copy_(0, slots, ht)
     return o[0]

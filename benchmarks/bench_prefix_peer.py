@@ -4,8 +4,10 @@ The random 338M Qwen3-Next checkpoint of benchmarks/common.py as the F32 GGUF fi
 (bench_cpu.gguf_files). deltaserve: `LLMEngine` on that file, prefix caching on (the default). llama.cpp:
 `llama-server -np 1` on the same file with `cache_prompt` (its default), the same threads. The chat of
 bench_prefix_cache.py: a first message, then turns that add the engine's own 32-token reply (ignore_eos, greedy)
-and a new user message, so both see prompts of the same lengths. TTFT = request sent to the first token received
-(llama.cpp: the first streamed chunk). llama.cpp's `timings.prompt_n` says how many prompt tokens it computed.
+and a new user message, so both see prompts of the same lengths. --branch: every request is the first message
+followed by a new message alone (a shared document or system prompt with different questions, or a regenerated
+turn): the cached prefix is the first message, which no earlier request ended at. TTFT = request sent to the first
+token received (llama.cpp: the first streamed chunk). llama.cpp's `timings.prompt_n` says how many prompt tokens it computed.
 Random weights: the speeds are real, the text is not.
 
 Needs llama.cpp built by ../shared/tools/build-llama-cpp.sh (default ~/.cache/deltaserve-peer/llama.cpp).
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=500, help="tokens of the first message")
     ap.add_argument("--message", type=int, default=450, help="tokens of each later user message")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--branch", action="store_true", help="each request: the first message + a new message alone")
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/deltaserve-peer/llama.cpp")
     ap.add_argument("--tools", type=Path, default=REPO.parent / "shared/tools", help="convert-to-gguf.py's folder")
     args = ap.parse_args()
@@ -100,12 +103,15 @@ def main() -> None:
             t_theirs, reply, computed = peer_turn(url, theirs_hist, 32)
             rows.append((t + 1, len(ours_hist), t_ours, engine.kv.stats.cached_tokens - cached, t_theirs, computed))
             message = rand_tokens(args.message, t + 1, vocab)
-            ours_hist, theirs_hist = ours_hist + out + message, theirs_hist + reply + message
+            if args.branch:
+                ours_hist = theirs_hist = rand_tokens(args.first, 0, vocab) + message
+            else:
+                ours_hist, theirs_hist = ours_hist + out + message, theirs_hist + reply + message
     finally:
         proc.kill()
     print(f"\nmulti-turn chat, deltaserve vs llama.cpp llama-server on {path.name}: {machine()}, commit {commit()}, "
-          f"{datetime.date.today()}; first message {args.first} tokens, then {args.message}-token messages after "
-          f"32-token replies; random weights\n")
+          f"{datetime.date.today()}; first message {args.first} tokens, then {args.message}-token messages "
+          f"{'each alone after the first message' if args.branch else 'after 32-token replies'}; random weights\n")
     print("| turn | prompt tokens | deltaserve TTFT (s) | tokens from its cache | llama.cpp TTFT (s) | "
           "prompt tokens llama.cpp computed | llama.cpp / deltaserve |\n|---|---|---|---|---|---|---|")
     for turn, n, ours, cached, theirs, computed in rows:

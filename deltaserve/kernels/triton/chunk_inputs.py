@@ -56,8 +56,9 @@ def chunk_inputs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, num_k_heads:
     beta = torch.empty(1, t, h, dtype=torch.float32, device=a.device)
     vd = h * dv
     pow2 = triton.next_power_of_2
-    chunk_inputs_kernel[(t,)](x, x.stride(0), a, b, a.stride(0), q, k, v, a_out, beta, eps, HK=num_k_heads,
-                              HKB=pow2(num_k_heads), DK=dk, DKB=pow2(dk), VD=vd, VB=min(pow2(vd), 1024), H=h, HB=pow2(h))
+    chunk_inputs_kernel[(t,)](x, x.stride(0), a, b, a.stride(0), q, k, v, a_out, beta, eps,
+                              HK=num_k_heads, HKB=pow2(num_k_heads), DK=dk, DKB=pow2(dk), VD=vd,
+                              VB=min(pow2(vd), 1024), H=h, HB=pow2(h))
     return q, k, v, a_out, beta
 
 

@@ -80,12 +80,14 @@ torch::Tensor moe_block(torch::Tensor x, const PackedWeight& router, const Packe
     rows[p] = (p % K1 < top_k ? routed_x : shared_x).rows[p / K1], hs[p] = hp + p * H, outs[p] = yp + p * D;
   expert_product(gate_up, shared_gate_up, pairs_of, rows, hs);
   std::vector<const float*> h_rows(P);
-  for (int64_t p = 0; p < P; ++p) {  // h[p, :width] = silu(gate) * up, in place
-    const int64_t width = p % K1 < top_k ? I : Is;
-    float* r = hp + p * H;
-    for (int64_t i = 0; i < width; ++i) r[i] = r[i] / (1.f + std::exp(-r[i])) * r[width + i];
-    h_rows[p] = r;
-  }
+  at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {  // h[p, :width] = silu(gate) * up, in place
+      const int64_t width = p % K1 < top_k ? I : Is;
+      float* r = hp + p * H;
+      for (int64_t i = 0; i < width; ++i) r[i] = r[i] / (1.f + std::exp(-r[i])) * r[width + i];
+      h_rows[p] = r;
+    }
+  });
   // second product: down of each pair
   std::vector<const float*> routed_h, shared_h;
   for (int64_t p = 0; p < P; ++p) (p % K1 < top_k ? routed_h : shared_h).push_back(h_rows[p]);

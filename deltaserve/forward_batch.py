@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 class BatchError(ValueError):
@@ -259,21 +260,34 @@ TENSOR_FIELDS = ("input_ids", "positions", "token_slots", "token_segment", "cu_s
 GROUP_FIELDS = ("slots", "reset", "start_pos", "lens", "pad_index", "valid", "snapshot_slots")
 
 
+def packed(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The tensors' bytes as one uint8 tensor, each starting on a 16-byte boundary (Triton specialises kernels on
+    pointer alignment: unaligned views would compile other variants), and where each starts."""
+    parts, starts, start = [], [], 0
+    for t in tensors:
+        b = t.contiguous().reshape(-1).view(torch.uint8)
+        parts.append(F.pad(b, (0, -b.numel() % 16)))
+        starts.append(start)
+        start += parts[-1].numel()
+    return torch.cat(parts), starts
+
+
+def unpacked(flat: torch.Tensor, starts: list[int], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `packed`'s result (wherever it now lives) in each original tensor's dtype and shape."""
+    return [flat[s:s + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for s, t in zip(starts, like)]
+
+
 def _to_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
     """The batch's host tensors moved to device in one non-blocking copy from pinned memory (a copy per tensor
-    from pageable memory would wait for the device each time, stalling a step launched behind the running one).
-    Each lands as a view of the copy in its own dtype and shape: 8-byte tensors first, so every view is aligned."""
+    from pageable memory would wait for the device each time, stalling a step launched behind the running one),
+    each landing as a view of the copy."""
     if device.type == "cpu":
         return batch
     owners = [(batch, f) for f in TENSOR_FIELDS] + [(g, f) for g in batch.groups for f in GROUP_FIELDS
                                                     if getattr(g, f) is not None]
-    owners.sort(key=lambda o: -getattr(*o).element_size())
-    host = [getattr(*o).contiguous() for o in owners]
-    staged = torch.cat([t.reshape(-1).view(torch.uint8) for t in host]).pin_memory()
-    flat = staged.to(device, non_blocking=True)
-    start = 0
-    for (obj, name), t in zip(owners, host):
-        size = t.numel() * t.element_size()
-        setattr(obj, name, flat[start:start + size].view(t.dtype).view(t.shape))
-        start += size
+    host = [getattr(*o) for o in owners]
+    staged, starts = packed(host)
+    flat = staged.pin_memory().to(device, non_blocking=True)
+    for (obj, name), view in zip(owners, unpacked(flat, starts, host)):
+        setattr(obj, name, view)
     return batch

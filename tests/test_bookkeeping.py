@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deltaserve.cache.slot_table import SlotTable
-from deltaserve.forward_batch import BatchError, Segment, build_batch
+from deltaserve.forward_batch import (GROUP_FIELDS, TENSOR_FIELDS, BatchError, Segment, build_batch, packed,
+                                      unpacked)
 from deltaserve.engine.batch import decompose_tokens
 from deltaserve.kernels import reference
 from deltaserve.engine.scheduler import Scheduler
@@ -55,6 +56,19 @@ def test_conv_index_gathers_window_then_tokens():
     # segment 0 (decode): window rows 0, 1 then its token (row 4); segment 1: window rows 2, 3 then tokens 5..7
     assert taps.tolist() == [[0, 1, 4], [2, 3, 5], [3, 5, 6], [5, 6, 7]]
     assert window.tolist() == [[1, 4], [6, 7]]
+
+
+def test_batch_tensors_pack_into_one_aligned_buffer():
+    """What build_batch sends to a GPU in one copy: every tensor comes back equal, as a 16-byte aligned view."""
+    segs = [Segment([1], 5, 0), Segment(list(range(7)), 0, 1), Segment([3, 4, 5], 9, 2, snapshot_slots=(5, 6))]
+    b = build_batch(segs, 4, "cpu", 8)
+    tensors = [getattr(b, f) for f in TENSOR_FIELDS] + [getattr(g, f) for g in b.groups for f in GROUP_FIELDS
+                                                        if getattr(g, f) is not None]
+    flat, starts = packed(tensors)
+    views = unpacked(flat.clone(), starts, tensors)
+    for t, v in zip(tensors, views):
+        assert torch.equal(t, v) and t.dtype == v.dtype
+        assert v.storage_offset() * v.element_size() % 16 == 0
 
 
 def test_chunk_meta_indexes_every_chunk_of_the_prefill_segments():

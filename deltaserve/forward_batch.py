@@ -130,10 +130,8 @@ class ForwardBatch:
             for n in lens:
                 cu.append(cu[-1] + n)
             index = [v for s, n in enumerate(lens) for c in range(-(-n // size)) for v in (s, c)]
-            host = torch.tensor(cu + index, dtype=torch.long)
-            dev = self.cu_seqlens.device
-            flat = (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
-            self.derived[key] = (flat[:len(cu)], flat[len(cu):].view(-1, 2))
+            host = [torch.tensor(cu, dtype=torch.long), torch.tensor(index, dtype=torch.long).view(-1, 2)]
+            self.derived[key] = tuple(on_device(host, self.cu_seqlens.device))
         return self.derived[key]
 
     def split_logits(self, logits: torch.Tensor) -> list[torch.Tensor]:
@@ -277,17 +275,19 @@ def unpacked(flat: torch.Tensor, starts: list[int], like: list[torch.Tensor]) ->
     return [flat[s:s + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for s, t in zip(starts, like)]
 
 
-def _to_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
-    """The batch's host tensors moved to device in one non-blocking copy from pinned memory (a copy per tensor
-    from pageable memory would wait for the device each time, stalling a step launched behind the running one),
-    each landing as a view of the copy."""
+def on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host tensors on device in one non-blocking copy from pinned memory, as views of it (a copy per tensor from
+    pageable memory would wait for the device each time, stalling a step launched behind the running one)."""
     if device.type == "cpu":
-        return batch
+        return tensors
+    staged, starts = packed(tensors)
+    return unpacked(staged.pin_memory().to(device, non_blocking=True), starts, tensors)
+
+
+def _to_device(batch: ForwardBatch, device: torch.device) -> ForwardBatch:
+    """The batch with its host tensors replaced by their device copies (one copy for all)."""
     owners = [(batch, f) for f in TENSOR_FIELDS] + [(g, f) for g in batch.groups for f in GROUP_FIELDS
                                                     if getattr(g, f) is not None]
-    host = [getattr(*o) for o in owners]
-    staged, starts = packed(host)
-    flat = staged.pin_memory().to(device, non_blocking=True)
-    for (obj, name), view in zip(owners, unpacked(flat, starts, host)):
-        setattr(obj, name, view)
+    for (obj, name), t in zip(owners, on_device([getattr(*o) for o in owners], device)):
+        setattr(obj, name, t)
     return batch

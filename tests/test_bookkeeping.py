@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from deltaserve.cache.slot_table import SlotTable
-from deltaserve.forward_batch import (GROUP_FIELDS, TENSOR_FIELDS, BatchError, Segment, build_batch, packed,
-                                      unpacked)
+from deltaserve.forward_batch import GROUP_FIELDS, TENSOR_FIELDS, BatchError, Segment, build_batch
+from deltaserve.transfer import packed, unpacked
 from deltaserve.engine.batch import decompose_tokens
 from deltaserve.kernels import reference
 from deltaserve.engine.scheduler import Scheduler

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..transfer import on_device
 
 
 class CacheTooLarge(MemoryError):
@@ -111,9 +112,8 @@ class HybridCache:
     def set_blocks(self, entries: list[tuple[int, int, int]]) -> None:
         """Block table updates (slot, index, block), written in one copy."""
         if entries:
-            slot, index, block = torch.tensor(entries, dtype=torch.int32).T.long()
-            self.block_table[slot.to(self.block_table.device), index.to(self.block_table.device)] = \
-                block.to(self.block_table.device, torch.int32)
+            slot, index, block = on_device([torch.tensor(entries).T.contiguous()], self.block_table.device)[0]
+            self.block_table[slot, index] = block.to(torch.int32)
 
     def copy_blocks(self, src: int, dst: int) -> None:
         """Copy one KV block (every attention layer's, the MTP head's too) to another."""

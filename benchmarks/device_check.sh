@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One lent-GPU call, in the order that matters (METHOD.md "fit the lease"): each named step under its own time limit,
+# its full log in $OUT/<step>.log, the last lines of every log printed at the end (the reply carries the tail).
+# Run from the repository root on the device machine, wheels carried in .whl/ (fla-core, gguf):
+#   bash benchmarks/device_check.sh [kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
+# Steps:
+#   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
+#   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
+#   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
+#   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
+#   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
+#   quant-bench  benchmarks/bench_cuda_quant.py (issue 16: decode vs roofline per format, GEMV bandwidth)
+#   prefix       benchmarks/bench_prefix_cache.py --device cuda --dtype float32 --turns 8 --rounds 2 (issue 18)
+set -uo pipefail
+OUT=${OUT:-/tmp/device-out}
+mkdir -p "$OUT" /tmp/site
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.log"
+
+step() {  # name, seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s (limit $limit)" | tee -a "$OUT/summary.log"
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(kernels quant engine ttft decode quant-bench prefix)
+for s in "${steps[@]}"; do
+  case $s in
+    kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
+    quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
+    engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
+    ttft) (cd benchmarks && step ttft 300 python3 profile_cuda_prefill.py --profile) ;;
+    decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
+    quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
+    prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \
+               --rounds 2) ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
+for s in "${steps[@]}"; do
+  [ -f "$OUT/$s.log" ] && { echo "=== $s"; grep -v "^\s*$" "$OUT/$s.log" | tail -25; }
+done
+cat "$OUT/summary.log" 2>/dev/null

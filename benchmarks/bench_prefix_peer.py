@@ -6,13 +6,14 @@ The random 338M Qwen3-Next checkpoint of benchmarks/common.py as the F32 GGUF fi
 bench_prefix_cache.py: a first message, then turns that add the engine's own 32-token reply (ignore_eos, greedy)
 and a new user message, so both see prompts of the same lengths. --branch: every request is the first message
 followed by a new message alone (a shared document or system prompt with different questions, or a regenerated
-turn): the cached prefix is the first message, which no earlier request ended at. --conversations N: N such chats
+turn; turn 1 is the first message alone). --shared: the same, but turn 1 too has its own message after the first
+(a system prompt every request shares, which no request ends at). --conversations N: N such chats
 (different first messages) take turns, one request each, on the same engine and the same one-slot server.
 TTFT = request sent to the first token received (llama.cpp: the first streamed chunk). llama.cpp's
 `timings.prompt_n` says how many prompt tokens it computed. Random weights: the speeds are real, the text is not.
 
 Needs llama.cpp built by ../shared/tools/build-llama-cpp.sh (default ~/.cache/deltaserve-peer/llama.cpp).
-Run: python benchmarks/bench_prefix_peer.py [--turns 8] [--first 500] [--message 450] [--branch]
+Run: python benchmarks/bench_prefix_peer.py [--turns 8] [--first 500] [--message 450] [--branch | --shared]
      [--conversations 1] [--threads 2]
 """
 
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--message", type=int, default=450, help="tokens of each later user message")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--branch", action="store_true", help="each request: the first message + a new message alone")
+    ap.add_argument("--shared", action="store_true", help="as --branch, turn 1 included")
     ap.add_argument("--conversations", type=int, default=1, help="independent chats, taking turns one request each")
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/deltaserve-peer/llama.cpp")
     ap.add_argument("--tools", type=Path, default=REPO.parent / "shared/tools", help="convert-to-gguf.py's folder")
@@ -99,7 +101,8 @@ def main() -> None:
         ttft(engine, "warm", rand_tokens(64, 99, vocab), 2)
         peer_turn(url, rand_tokens(64, 99, vocab), 2)
         first = [rand_tokens(args.first, 100 * c, vocab) for c in range(args.conversations)]
-        hists = [(f, f) for f in first]  # (deltaserve's, llama.cpp's) history per conversation
+        opening = [f + rand_tokens(args.message, 100 * c, vocab) if args.shared else f for c, f in enumerate(first)]
+        hists = [(o, o) for o in opening]  # (deltaserve's, llama.cpp's) history per conversation
         rows = []
         for t in range(args.turns):
             for c, (ours_hist, theirs_hist) in enumerate(hists):  # conversations take turns
@@ -109,13 +112,14 @@ def main() -> None:
                 rows.append((c, t + 1, len(ours_hist), t_ours, engine.kv.stats.cached_tokens - cached, t_theirs,
                              computed))
                 message = rand_tokens(args.message, 100 * c + t + 1, vocab)
-                hists[c] = (first[c] + message,) * 2 if args.branch else \
+                hists[c] = (first[c] + message,) * 2 if args.branch or args.shared else \
                     (ours_hist + out + message, theirs_hist + reply + message)
     finally:
         proc.kill()
     print(f"\nmulti-turn chat, deltaserve vs llama.cpp llama-server on {path.name}: {machine()}, commit {commit()}, "
           f"{datetime.date.today()}; first message {args.first} tokens, then {args.message}-token messages "
-          f"{'each alone after the first message' if args.branch else 'after 32-token replies'}; random weights\n")
+          f"{'each alone after the first message' if args.branch or args.shared else 'after 32-token replies'}"
+          f"{' (turn 1 too)' if args.shared else ''}; random weights\n")
     print("| chat | turn | prompt tokens | deltaserve TTFT (s) | tokens from its cache | llama.cpp TTFT (s) | "
           "prompt tokens llama.cpp computed | llama.cpp / deltaserve |\n|---|---|---|---|---|---|---|---|")
     for c, turn, n, ours, cached, theirs, computed in rows:

@@ -56,17 +56,18 @@ def test_a_hit_needs_both_the_snapshot_and_every_full_block_below_it():
     snap14 = cache.capture(tokens, blocks)
     assert cache.capture(tokens[:8], blocks) is None  # cached already
     assert snap8.partial_block is None and snap14.partial_block == blocks[3] and pool.refs[blocks[3]] == 2
-    hit = cache.lookup(tokens + [99], limit=14)
-    assert (hit.length, hit.blocks, hit.snapshot) == (14, blocks[:3], snap14)
-    assert cache.lookup(tokens[:13] + [7, 7], limit=14).length == 8  # the tail differs: back to the 8-token one
-    assert cache.lookup(tokens + [99], limit=13).length == 8  # no longer than the limit
-    assert cache.lookup([5] + tokens, limit=14) is None
+    hit, matched = cache.lookup(tokens + [99], limit=14)
+    assert (hit.length, hit.blocks, hit.snapshot, matched) == (14, blocks[:3], snap14, 12)
+    assert cache.lookup(tokens[:13] + [7, 7], limit=14)[0].length == 8  # the tail differs: back to the 8-token one
+    assert cache.lookup(tokens + [99], limit=13)[0].length == 8  # no longer than the limit
+    assert cache.lookup([5] + tokens, limit=14) == (None, 0)
+    assert cache.lookup(tokens[:9] + [7] * 6, limit=14)[1] == 8  # KV matches 2 blocks, whatever the snapshots
     for b in blocks:  # the sequence ends; blocks 0-2 stay cached, block 3 is held by the 14-token snapshot
         pool.release(b)
     assert pool.refs[blocks[3]] == 1
     for _ in range(pool.num_free):  # evict every unreferenced block: the KV below both snapshots is gone
         pool.allocate()
-    assert cache.lookup(tokens + [99], limit=14) is None
+    assert cache.lookup(tokens + [99], limit=14) == (None, 0)
 
 
 def test_snapshots_are_evicted_least_recently_used_first_and_release_their_block():
@@ -76,9 +77,9 @@ def test_snapshots_are_evicted_least_recently_used_first_and_release_their_block
     blocks = [sequence_blocks(pool, 6) for _ in seqs]
     first = cache.capture(seqs[0], blocks[0])
     second = cache.capture(seqs[1], blocks[1])
-    assert cache.lookup(seqs[0] + [0], 6).snapshot is first  # touches the first: the second is now oldest
+    assert cache.lookup(seqs[0] + [0], 6)[0].snapshot is first  # touches the first: the second is now oldest
     third = cache.capture(seqs[2], blocks[2])
-    assert third.slot == second.slot and cache.lookup(seqs[1] + [0], 6) is None
+    assert third.slot == second.slot and cache.lookup(seqs[1] + [0], 6)[0] is None
     assert pool.refs[blocks[1][1]] == 1  # the evicted snapshot's partial block: back to its sequence only
     assert {s.length for s in cache.entries.values()} == {6}
 
@@ -141,6 +142,21 @@ def test_hits_at_every_grid_position_match_the_uncached_run(next_dir):
         cached.append(on.kv.stats.cached_tokens)
     gained = [b - a for a, b in zip([0] + cached, cached)]
     assert gained == [32, 64, 64, 96, 128, 128, 140]  # the last snapshot at or below each cut
+
+
+def test_a_shared_prefix_no_request_ended_at_is_learned_at_a_branch_point(next_dir):
+    """A system prompt of 100 tokens with different questions after it: the first request leaves no snapshot inside
+    it (grid 128); the second matches its KV up to 96 and splits its prefill at the branch point 64, snapshotting
+    there; the third resumes at 64. Every output equals the uncached run's."""
+    on, off = make(next_dir, True, chunk=128), make(next_dir, False, chunk=128)
+    system = rand_tokens(100, 5)
+    gained = []
+    for i in range(3):
+        reqs = [(f"q{i}", system + rand_tokens(20, 50 + i), greedy(4), 0, None)]
+        before = on.kv.stats.cached_tokens
+        same(drive(on, reqs), drive(off, reqs), [reqs[0][0]])
+        gained.append(on.kv.stats.cached_tokens - before)
+    assert gained == [0, 0, 64]
 
 
 def test_eviction_concurrency_and_an_aborted_owner(next_dir):

@@ -7,8 +7,9 @@ exactly p) and every full KV block below p. KV past the last snapshot is not a h
 Keys: full blocks chain-hash their tokens (block j's hash covers tokens [0, (j+1)*BS), so equal hashes mean equal
 prefixes); a snapshot at p is keyed by the hash of its full blocks (p // BS of them) and the tokens of the partial
 block after them, and keeps a reference on that partial block, whose first p % BS rows a hit copies.
-Snapshots live in a bounded pool of state slots, least recently used evicted first. Plain Python: the engine
-copies states and blocks (engine/kv_manager.py).
+Snapshots live in a bounded pool of state slots, least recently used evicted first. A lookup also says how far the
+cached KV blocks match past the hit: where the prompt branches off an earlier one, so that the engine can leave a
+snapshot there for the prompts after it. Plain Python: the engine copies states and blocks (engine/kv_manager.py).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class PrefixCache:
         self.entries: OrderedDict[tuple, Snapshot] = OrderedDict()  # least recently used first
         self._by_blocks: dict[bytes, dict[tuple[int, ...], Snapshot]] = {}  # full-block hash -> {tail: snapshot}
 
-    def lookup(self, tokens: list[int], limit: int) -> Hit | None:
-        """The longest cached prefix of tokens no longer than limit (a snapshot and its blocks), or None."""
+    def lookup(self, tokens: list[int], limit: int) -> tuple[Hit | None, int]:
+        """The longest cached prefix of tokens no longer than limit (a snapshot and its blocks), or None; and how many
+        of the tokens (whole blocks, up to limit) cached KV blocks hold, with a snapshot or not."""
         bs = self.bs
         hashes = chain_hashes(tokens, bs, limit // bs)
         full = 0
@@ -68,8 +70,8 @@ class PrefixCache:
                         and tuple(tokens[i * bs:i * bs + len(tail)]) == tail), key=lambda s: s.length, default=None)
             if best is not None:
                 self.entries.move_to_end(best.key)
-                return Hit(best.length, [self.pool.by_hash[h] for h in hashes[:i]], best)
-        return None
+                return Hit(best.length, [self.pool.by_hash[h] for h in hashes[:i]], best), full * bs
+        return None, full * bs
 
     def capture(self, tokens: list[int], blocks: list[int]) -> Snapshot | None:
         """Registers the full blocks of a sequence whose cache holds exactly `tokens` (its block table `blocks`) and

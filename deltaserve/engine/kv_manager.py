@@ -1,5 +1,5 @@
 """Which KV blocks each running sequence holds, and the prefix cache: hits at admission, snapshots after prefill
-chunks on the grid, at the prompt's end and at a request's end.
+chunks on the grid, at branch points, at the prompt's end and at a request's end.
 
 Admission reserves the blocks a request can need (prompt + max_tokens + drafts, up to max_model_len) so that
 nothing is ever preempted; blocks are allocated as positions are reached. A hit shares the prefix's full blocks,
@@ -7,6 +7,9 @@ copies the partial one (a sequence writes only its own blocks), and copies the s
 sequence's slot: the sequence then starts at the hit's position, as if it had computed the prefix itself. A
 running sequence never writes a cached snapshot (snapshots are copies), and snapshots are taken only of states
 the engine has settled on (after verification with MTP), never rewound.
+A prompt whose tokens match cached KV past its hit (a shared system prompt or document that no earlier request
+ended at) gets a branch point: the last multiple of BRANCH from its prefill grid point within that match. Its
+prefill splits there and snapshots, so the prompts after it that share the prefix resume there.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from ..cache.kv_blocks import BlockPool
 from ..cache.prefix_cache import PrefixCache
 from ..cache.state_cache import KV_BLOCK, HybridCache
 from .sequence import Sequence
+
+BRANCH = 64  # branch points are this many tokens apart from the grid: the chunked delta rule's chunk
 
 
 @dataclass
@@ -34,8 +39,10 @@ class PrefixStats:
 
 
 class KVManager:
-    def __init__(self, cache: HybridCache, max_model_len: int, spec_tokens: int, snapshot_slots: list[int]):
-        self.cache, self.max_model_len, self.spec_tokens = cache, max_model_len, spec_tokens
+    def __init__(self, cache: HybridCache, max_model_len: int, spec_tokens: int, snapshot_slots: list[int],
+                 grid: int):
+        """grid: the prefill chunk (scheduler): prompts split at its multiples, and snapshot there."""
+        self.cache, self.max_model_len, self.spec_tokens, self.grid = cache, max_model_len, spec_tokens, grid
         self.pool = BlockPool(cache.num_kv_blocks)
         self.prefix = PrefixCache(self.pool, KV_BLOCK, snapshot_slots) if snapshot_slots else None
         self.reserved = 0  # blocks running sequences may still allocate
@@ -60,7 +67,10 @@ class KVManager:
             limit = len(seq.prompt_ids) - 1  # at least one token to compute: its logits start the output
             if seq.prompt_logits_from is not None:
                 limit = min(limit, seq.prompt_logits_from)  # wanted logits are computed, not skipped
-            hit = self.prefix.lookup(seq.prompt_ids, limit)
+            hit, matched = self.prefix.lookup(seq.prompt_ids, limit)
+            start = (matched // self.grid) * self.grid
+            branch = start + (matched - start) // BRANCH * BRANCH
+            seq.branch = branch if branch > (hit.length if hit else 0) and branch % self.grid else None
         shared = hit.blocks if hit else []
         if self.pool.num_free - self.reserved - self.pool.cached_free(shared) < need - len(shared):
             return False

@@ -21,7 +21,7 @@ from ..forward_batch import Segment
 from .kv_manager import KVManager
 from .model_runner import ModelRunner
 from .outputs import EngineStats, RequestOutput
-from .scheduler import Scheduler
+from .scheduler import Scheduler, prefill_grid
 from .sequence import Sequence, Status
 from .speculative import MTPDrafter, accept
 from .step_tokens import StepTokens
@@ -67,14 +67,16 @@ class LLMEngine:
         if tp_group is not None:
             model.set_tensor_parallel(tp_group)
             self.runner = MirroredRunner(self.runner, tp_group)
-        first = max_num_seqs + spare  # the snapshot slots come last
-        self.kv = KVManager(self.runner.cache, max_model_len, spec_tokens, list(range(first, first + snapshots)))
-        log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
-        self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
         budget = max_num_batched_tokens or max(8192 if self.device.type == "cuda" else 2048, max_num_seqs)
         # prompts split where they would be alone: chunks that fit beside every running sequence's decode
-        self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, budget - max_num_seqs * (1 + spec_tokens),
-                                   admit=self.kv.admit, release=self.kv.release)
+        chunk = prefill_grid(budget, budget - max_num_seqs * (1 + spec_tokens))
+        first = max_num_seqs + spare  # the snapshot slots come last
+        self.kv = KVManager(self.runner.cache, max_model_len, spec_tokens, list(range(first, first + snapshots)),
+                            chunk)
+        log.info("%d slots x %d tokens: %s", max_num_seqs, max_model_len, self.memory_report())
+        self.drafter = MTPDrafter(self.runner, spec_tokens, max_num_seqs, max_model_len) if spec_tokens else None
+        self.scheduler = Scheduler(SlotTable(max_num_seqs), budget, chunk, admit=self.kv.admit,
+                                   release=self.kv.release)
         self.requests: dict[str, Sequence] = {}
         self.stats = EngineStats()
         # overlapped steps hand the next step a device tensor and an event: not across processes (tensor parallel)
@@ -211,9 +213,11 @@ class LLMEngine:
                 mtp_rows.append((seq, start, h))
                 if was_prefill and seq.prompt_logits_from is not None:
                     seq.prompt_logits.append(seg_logits)  # rows for this chunk's positions >= prompt_logits_from
-                if was_prefill and (seq.num_computed % self.scheduler.chunk == 0 or not seq.in_prefill):
-                    # on the prefill grid (where uncached runs split too), and at the prompt's end: a chat's next
-                    # turn resumes there when its reply, re-rendered by the chat template, differs from the tokens
+                if was_prefill and (seq.num_computed % self.scheduler.chunk == 0 or seq.num_computed == seq.branch
+                                    or not seq.in_prefill):
+                    # on the prefill grid (where uncached runs split too), at a branch point, and at the prompt's
+                    # end: a chat's next turn resumes there when its reply, re-rendered by the chat template,
+                    # differs from the tokens
                     self.kv.snapshot(seq, seq.num_computed)
                 if seq.in_prefill:
                     continue

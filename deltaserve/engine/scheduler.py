@@ -9,7 +9,8 @@ A prompt is split at multiples of `prefill_chunk` from its start, whatever else 
 the step's remaining budget waits for the next step instead of being cut shorter. So a sequence computes the
 same chunks alone or in company (bit for bit on the CPU, where chunk boundaries move float rounding, and int8
 activations would magnify it), and one resumed from a prefix-cache snapshot on that grid computes the chunks an
-uncached run would.
+uncached run would. A prompt with a branch point (engine/kv_manager.py) also splits there: a multiple of 64 from the
+grid, where the chunked delta rule's chunks begin anyway.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from ..cache.slot_table import SlotTable
 from .sequence import Sequence, Status
 
 
+def prefill_grid(max_num_batched_tokens: int, prefill_chunk: int | None) -> int:
+    """The chunk whose multiples prompts are split at (the whole budget when none is asked for)."""
+    return max(1, min(prefill_chunk or max_num_batched_tokens, max_num_batched_tokens))
+
+
 class Scheduler:
     def __init__(self, slots: SlotTable, max_num_batched_tokens: int, prefill_chunk: int | None = None,
                  admit: Callable[[Sequence], bool] = lambda seq: True,
@@ -29,7 +35,7 @@ class Scheduler:
             raise ValueError("max_num_batched_tokens must be >= 1")
         self.slots = slots
         self.budget = max_num_batched_tokens
-        self.chunk = max(1, min(prefill_chunk or max_num_batched_tokens, max_num_batched_tokens))
+        self.chunk = prefill_grid(max_num_batched_tokens, prefill_chunk)
         self.admit, self.release = admit, release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -72,8 +78,13 @@ class Scheduler:
         return plan
 
     def _chunk(self, seq: Sequence) -> int:
-        """The sequence's next prefill chunk: up to the next multiple of prefill_chunk, or the prompt's end."""
-        return min(len(seq.prompt_ids), (seq.num_computed // self.chunk + 1) * self.chunk) - seq.num_computed
+        """The sequence's next prefill chunk: up to the next multiple of prefill_chunk, its branch point (a
+        multiple of 64 from the grid: the chunked delta rule's chunks stay where an unsplit run has them), or the
+        prompt's end."""
+        end = min(len(seq.prompt_ids), (seq.num_computed // self.chunk + 1) * self.chunk)
+        if seq.branch is not None and seq.num_computed < seq.branch < end:
+            end = seq.branch
+        return end - seq.num_computed
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (finished or aborted) and frees its slot and KV blocks for the next one."""

@@ -29,6 +29,7 @@ class Sequence:
     slot: int | None = None
     num_computed: int = 0  # tokens whose state / KV the cache holds
     num_cached: int = 0  # prompt tokens a prefix-cache hit supplied
+    branch: int | None = None  # where the prompt leaves cached KV with no snapshot: a prefill split + snapshot
     blocks: list[int] = field(default_factory=list)  # KV blocks of positions 0, BS, 2 BS, ... (engine/kv_manager.py)
     reserved: int = 0  # KV blocks it may still allocate
     finish_reason: str | None = None  # "stop" | "length" | "abort"

@@ -152,6 +152,20 @@ def test_prompt_split_points_do_not_depend_on_company():
     assert [n for x, n in s.schedule() if x is long] == [2]
 
 
+def test_a_branch_point_splits_the_prompt_once_more():
+    """Chunks end at grid multiples, at the prompt's end, and at the sequence's branch point (kv_manager.py)."""
+    s = Scheduler(SlotTable(1), max_num_batched_tokens=300, prefill_chunk=128)
+    x = seq("x", 300)
+    x.branch = 192
+    s.add(x)
+    cuts = []
+    while x.num_computed < 300:
+        (_, n), = s.schedule()
+        x.num_computed += n
+        cuts.append(x.num_computed)
+    assert cuts == [128, 192, 256, 300]
+
+
 def test_scheduler_rotates_decodes_when_budget_is_short():
     s = Scheduler(SlotTable(3), max_num_batched_tokens=3)
     seqs = [seq(str(i), 1) for i in range(3)]

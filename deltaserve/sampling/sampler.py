@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transfer import on_device
 from .params import SamplingParams
 
 
@@ -59,7 +60,7 @@ def stage(rows: list[int], params: list[SamplingParams], u: list[float], vocab: 
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     host = torch.tensor([rows, [p.temperature for p in params], top_k, [p.top_p for p in params], u],
                         dtype=torch.float64)  # [5, R]
-    dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    dev = on_device([host], device)[0]
     width = max((k if k < vocab else min(vocab, CANDIDATES) for k, p in zip(top_k, params) if k < vocab or p.top_p < 1),
                 default=0)
     return SampledRows(dev[0].long(), dev[1].float(), dev[2].long(), dev[3].float(), dev[4], width,

@@ -383,6 +383,8 @@ def test_shutdown_cancels_cleanly_after_the_grace_period(model_dir):
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=live.url, timeout=30) as http:
             streaming = asyncio.create_task(http.post("/v1/completions", json={**long, "stream": True}))
+            while live.engine_loop.snapshot.running < 1:  # the stream holds the one slot before the other arrives
+                await asyncio.sleep(0.01)
             queued = asyncio.create_task(http.post("/v1/completions", json=long))
             while live.engine_loop.snapshot.waiting + live.engine_loop.snapshot.running < 2:
                 await asyncio.sleep(0.01)

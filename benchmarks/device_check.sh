@@ -2,8 +2,9 @@
 # One lent-GPU call, in the order that matters (METHOD.md "fit the lease"): each named step under its own time limit,
 # its full log in $OUT/<step>.log, the last lines of every log printed at the end (the reply carries the tail).
 # Run from the repository root on the device machine, wheels carried in .whl/ (fla-core, gguf):
-#   bash benchmarks/device_check.sh [kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
+#   bash benchmarks/device_check.sh [graphs kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
 # Steps:
+#   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
@@ -29,9 +30,10 @@ step() {  # name, seconds, command...
 }
 
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels quant engine ttft decode quant-bench prefix)
+[ ${#steps[@]} -eq 0 ] && steps=(graphs kernels quant engine ttft decode quant-bench prefix)
 for s in "${steps[@]}"; do
   case $s in
+    graphs) step graphs 300 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;

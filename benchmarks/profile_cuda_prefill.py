@@ -3,9 +3,12 @@ profile of host (CPU) against device time per op, on a small model whose kernels
 
 Config: bench_cuda's qwen3.5-0.8b (a Qwen3.5-0.8B-class text model, hidden 1024, 24 layers), RANDOM bf16 weights
 built by HF transformers (seed 0), HF timed in the same run on the same weights.
+Rows: deltaserve as configured (prefill graphs on), the GPU's busy time in that case (profiler), the same engine
+with its prefill graphs off, HF.
 TTFT = LLMEngine.add_request to the first token out of step() (greedy), best of a few; HF: one forward of the same
 shape (use_cache, last logits) and the argmax read back. --profile: torch.profiler's op table of one 1 x 128
-prefill (ModelRunner.run) by host time, and of 10 decode steps by device time.
+TTFT (add_request and the steps to its token: a prefill graph replay once warm) by host time, the Python
+functions it spends its host time in (cProfile), and 10 decode steps by device time.
 
 Run: python benchmarks/profile_cuda_prefill.py [--budget 2048] [--more-budgets 2048] [--profile] [--no-hf]
 """
@@ -13,7 +16,9 @@ Run: python benchmarks/profile_cuda_prefill.py [--budget 2048] [--more-budgets 2
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import pstats
 import time
 
 import torch
@@ -21,7 +26,6 @@ import torch
 from bench_cuda import CONFIGS, build, sync_time
 from common import commit
 from deltaserve import LLMEngine, SamplingParams
-from deltaserve.forward_batch import Segment
 
 CONFIG = CONFIGS["qwen3.5-0.8b"]
 
@@ -51,13 +55,23 @@ def batch_time(engine: LLMEngine, batch: list[list[int]], tag: str) -> float:
     return time.perf_counter() - start
 
 
-def profile(fn, sort: str = "self_cpu_time_total", rows: int = 25) -> str:
+def profiled(fn):
+    """torch.profiler's averages of one call of fn (after one unprofiled call)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     fn()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+    return prof.key_averages()
+
+
+def profile(fn, sort: str = "self_cpu_time_total", rows: int = 25) -> str:
+    return profiled(fn).table(sort_by=sort, row_limit=rows)
+
+
+def device_ms(fn) -> float:
+    """Milliseconds the GPU is busy with kernels and copies in one call of fn: the floor host work cannot lower."""
+    return sum(e.self_device_time_total for e in profiled(fn)) / 1e3
 
 
 def decode_steps(engine: LLMEngine, vocab: int, steps: int = 10):
@@ -93,6 +107,15 @@ def main() -> None:
     rows = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"t{i}") for i in range(5)) * 1e3,
             "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"l{i}") for i in range(3)) * 1e3,
             "64 x 128 (ms)": min(batch_time(engine, prompts(64, 128, v, 20 + i), f"b{i}") for i in range(3)) * 1e3}
+    graphs, engine.runner.prefill_graphs = engine.runner.prefill_graphs, None
+    eager = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"e{i}") for i in range(5)) * 1e3,
+             "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"el{i}") for i in range(3)) * 1e3,
+             "64 x 128 (ms)": min(batch_time(engine, prompts(64, 128, v, 20 + i), f"eb{i}") for i in range(3)) * 1e3}
+    engine.runner.prefill_graphs = graphs
+    tags = iter(range(10 ** 6))
+    busy = {"ttft 1 x 128 (ms)": device_ms(lambda: ttft(engine, prompts(1, 128, v, 7)[0], f"g{next(tags)}")),
+            "1 x 4096 (ms)": device_ms(lambda: ttft(engine, prompts(1, 4096, v, 7)[0], f"g{next(tags)}")),
+            "64 x 128 (ms)": device_ms(lambda: batch_time(engine, prompts(64, 128, v, 7), f"g{next(tags)}"))}
     for budget in args.more_budgets:  # the same engine with another token budget (and prefill chunk)
         engine.scheduler.budget = engine.scheduler.chunk = budget
         batch_time(engine, prompts(64, 128, v, 400), "warmc")
@@ -100,7 +123,6 @@ def main() -> None:
                                                       for i in range(3)) * 1e3
         rows[f"1 x 4096, budget {budget} (ms)"] = min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"m{budget}-{i}")
                                                       for i in range(3)) * 1e3
-    seg = [Segment(prompts(1, 128, v, 7)[0], 0, 0)]
     hf_rows = {}
     if not args.no_hf:
         for name, (n, length) in (("ttft 1 x 128 (ms)", (1, 128)), ("1 x 4096 (ms)", (1, 4096)),
@@ -111,14 +133,20 @@ def main() -> None:
             hf_rows[name] = sync_time(fn, 3) * 1e3
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {commit()}, {datetime.date.today()}; "
           f"qwen3.5-0.8b-class, random bf16 weights; token budget {base}\n")
-    print("| case | deltaserve | HF | HF / deltaserve (speedup) |\n|---|---|---|---|")
+    print("| case | deltaserve | its GPU busy time | without prefill graphs | HF | HF / deltaserve (speedup) |\n"
+          "|---|---|---|---|---|---|")
     for name, t in rows.items():
         theirs = hf_rows.get(name)
-        print(f"| {name} | {t:.2f} | {'-' if theirs is None else f'{theirs:.2f}'} | "
-              f"{'-' if theirs is None else f'{theirs / t:.2f}x'} |")
+        cells = [f"{x[name]:.2f}" if name in x else "-" for x in (busy, eager, hf_rows)]
+        print(f"| {name} | {t:.2f} | {' | '.join(cells)} | {'-' if theirs is None else f'{theirs / t:.2f}x'} |")
     if args.profile:
-        print("one 1 x 128 prefill (ModelRunner.run), by host time:")
-        print(profile(lambda: engine.runner.run(seg)))
+        first_token = lambda: ttft(engine, prompts(1, 128, v, 7)[0], f"p{next(tags)}")  # noqa: E731
+        print(f"one 1 x 128 TTFT ({len(engine.runner.prefill_graphs.graphs)} prefill graphs captured), by host time:")
+        print(profile(first_token))
+        print("the same, Python functions by their own time (cProfile):")
+        stats = cProfile.Profile()
+        stats.runcall(first_token)
+        pstats.Stats(stats).sort_stats("tottime").print_stats(25)
         print("10 decode steps of one sequence (LLMEngine.step, graphs), by device time:")
         print(profile(decode_steps(engine, v), sort="device_time_total", rows=30))
 

@@ -20,6 +20,9 @@ import torch
 from .transfer import on_device
 
 
+CHUNK = 64  # the chunked delta rule's chunk (fla's), the default size of chunk_meta's chunks
+
+
 class BatchError(ValueError):
     """A batch that cannot be decomposed into one contiguous segment per sequence."""
 
@@ -31,6 +34,22 @@ class Segment:
     slot: int
     num_logits: int = 1  # logits wanted for this many trailing tokens (0 = none, len = all)
     snapshot_slots: tuple[int, ...] = ()  # state after token j goes to snapshot_slots[j] (len - 1 of them)
+
+
+def check_segments(segments: list[Segment], num_slots: int, max_len: int) -> None:
+    """The guards every path of a step applies before any kernel runs (batched or graphed): distinct slots with a
+    KV row (in [0, num_slots)), positions in [0, max_len)."""
+    if not segments:
+        raise BatchError("empty batch")
+    slots = [s.slot for s in segments]
+    if len(set(slots)) != len(slots):
+        raise BatchError(f"slots {slots} appear twice in one batch")
+    for s in segments:
+        if not 0 <= s.slot < num_slots:
+            raise BatchError(f"slot {s.slot} has no KV row (max_num_seqs {num_slots})")
+        if s.start_pos < 0 or s.start_pos + len(s.token_ids) > max_len:
+            raise BatchError(f"slot {s.slot}: positions {s.start_pos}..{s.start_pos + len(s.token_ids)} outside "
+                             f"[0, max_model_len {max_len}]")
 
 
 @dataclass
@@ -119,7 +138,7 @@ class ForwardBatch:
         """The slot when the batch holds one sequence: layers then use views of it, no gather/scatter."""
         return self.slot_ids[0] if len(self.lens) == 1 and not self.snapshots else None
 
-    def chunk_meta(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk_meta(self, first: int, size: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
         """For chunked kernels over segments first..N-1 (fla's varlen convention): (cu_seqlens [M+1] counted from
         their first token, chunk index [NT, 2] = (segment, chunk within it) of every `size`-token chunk). Built once
         per batch from the host lengths and sent in one non-blocking copy, so the layers that read it never wait

@@ -20,7 +20,7 @@ import torch
 
 from ..sampling.sampler import SampledRows, pick
 from .. import kernels
-from ..forward_batch import BatchError, ForwardBatch, Segment, build_batch
+from ..forward_batch import ForwardBatch, Segment, build_batch
 from .step_tokens import StepTokens
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -68,13 +68,12 @@ class DecodeGraphs:
         if n > self.sizes[-1]:
             return None
         ids, pos, slots = [], [], []
-        for s in segments:
+        for s in segments:  # checked by the runner (forward_batch.check_segments)
             if len(s.token_ids) != 1 or s.num_logits != 1 or s.snapshot_slots:
                 return None
             ids.append(s.token_ids[0])
             pos.append(s.start_pos)
             slots.append(s.slot)
-        self._check(slots, pos)
         if not self.graphs:
             self._capture()
         size = self.size_of[n]
@@ -91,13 +90,6 @@ class DecodeGraphs:
             inputs[0, :n].copy_(prev.device)
         self.graphs[size][0].replay()
         return n
-
-    def _check(self, slots: list[int], pos: list[int]) -> None:
-        """The guards build_batch would apply: a bad slot or position must not reach a kernel."""
-        if len(set(slots)) != len(slots) or min(slots) < 0 or max(slots) >= self.cache.max_num_seqs:
-            raise BatchError(f"decode slots {slots} must be distinct and in [0, {self.cache.max_num_seqs})")
-        if min(pos) < 0 or max(pos) >= self.cache.max_model_len:
-            raise BatchError(f"decode positions must be in [0, {self.cache.max_model_len})")
 
     def _batch(self, size: int) -> ForwardBatch:
         """A decode batch of `size` rows whose tensors are views of the static input buffers."""
@@ -128,13 +120,18 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             batch = self._batch(size)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles kernels, fills caches
-                self._forward(batch)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(batch)
-            self.graphs[size] = (graph, batch)
+            self.graphs[size] = (capture(lambda: self._forward(batch), pool), batch)
         torch.cuda.synchronize()
+
+
+def capture(forward, pool) -> torch.cuda.CUDAGraph:
+    """forward() run once on a side stream (compiles kernels, autotunes, fills caches), then captured in `pool`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        forward()
+    return graph

@@ -8,9 +8,10 @@ from ..cache.state_cache import HybridCache
 from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from ..sampling.sampler import SampledRows, pick
-from ..forward_batch import BatchError, Segment, build_batch
+from ..forward_batch import BatchError, Segment, build_batch, check_segments
 from .batch import decompose_tokens
 from .cuda_graphs import DecodeGraphs
+from .prefill_graphs import PrefillGraphs
 from .step_tokens import StepTokens
 
 
@@ -19,14 +20,19 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         if device.type == "cpu":
             pack_for_cpu(model)  # weights repacked for the native kernels, in their own formats (issue 15)
-        self.graphs = DecodeGraphs(model, cache, device) if device.type == "cuda" else None  # decode steps
+        cuda = device.type == "cuda"
+        self.graphs = DecodeGraphs(model, cache, device) if cuda else None  # decode steps
+        self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda else None  # steps of prompt chunks
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], keep_hidden: bool = False):
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
         and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
-        if self.graphs is not None and not keep_hidden and (logits := self.graphs.run(segments)) is not None:
-            return logits
+        check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
+        if not keep_hidden:
+            for graphs in (self.graphs, self.prefill_graphs):
+                if graphs is not None and (logits := graphs.run(segments)) is not None:
+                    return logits
         batch = self._batch(segments)
         hidden = self.model(batch, self.cache)
         logits = batch.split_logits(self.model.logits(hidden[batch.logits_index]))
@@ -40,6 +46,7 @@ class ModelRunner:
 
         With prev (the previous launch, same sequences in the same order), each segment's input token is
         prev's token for it, still on the device (the segments' token ids are then placeholders)."""
+        check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
         if self.graphs is not None and (tokens := self.graphs.launch(segments, prev, sampled)) is not None:
             return tokens
         if any(len(s.token_ids) != 1 or s.snapshot_slots for s in segments):
@@ -60,12 +67,7 @@ class ModelRunner:
         return list(zip(batch.split_logits(self.model.logits(out)), batch.split_logits(out)))
 
     def _batch(self, segments: list[Segment]):
-        for s in segments:
-            if s.start_pos + len(s.token_ids) > self.cache.max_model_len:
-                raise BatchError(f"slot {s.slot}: positions up to {s.start_pos + len(s.token_ids)} exceed "
-                                 f"max_model_len {self.cache.max_model_len}")
-            if s.slot >= self.cache.max_num_seqs:
-                raise BatchError(f"slot {s.slot} has no KV row (max_num_seqs {self.cache.max_num_seqs})")
+        check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
         return build_batch(segments, self.cache.max_num_seqs, self.device, self.cache.num_slots, self.cache.block_table)
 
     def run_tokens(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..forward_batch import ForwardBatch
-
-CHUNK = 64  # chunk length of the chunked delta rule
+from ..forward_batch import CHUNK, ForwardBatch
 
 
 # ---------------------------------------------------------------- causal conv ----

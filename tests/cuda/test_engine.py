@@ -116,6 +116,40 @@ def test_one_graph_serves_any_slot_assignment(tiny_dirs, arch):
             pos[s] += 1
 
 
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_one_prefill_graph_serves_any_slots_and_splits(tiny_dirs, arch):
+    """Steps of prompt chunks of one graph shape (128 tokens with the padding segment, 4 segments, 4 chunks) with
+    other slots, lengths and start positions each time, new prompts and continued ones: captured on the shape's
+    second sight, then replayed; logits and every slot's state equal an eager run, other slots are untouched."""
+    eng = engine(tiny_dirs[arch], 16, budget=256)
+    runner, rng = eng.runner, random.Random(2)
+    graphs, runner.prefill_graphs = runner.prefill_graphs, None
+    pos = {s: 70 for s in (3, 7, 1, 12, 5, 9)}
+    runner.run([Segment([rng.randrange(eng.cfg.vocab_size) for _ in range(70)], 0, s, 0) for s in pos])  # eager
+    steps = [[(3, 40), (0, 30), (12, 50)], [(14, 10), (7, 60), (1, 45)], [(5, 64), (3, 20), (0, 30)],
+             [(9, 33), (2, 63), (12, 2)]]  # (slot, tokens): 97 to 120 tokens, 3 segments of one chunk each
+    for step in steps:
+        segs = [Segment([rng.randrange(eng.cfg.vocab_size) for _ in range(n)], pos.get(s, 0), s, rng.randint(0, 1))
+                for s, n in step]
+        before = pools(eng)
+        runner.prefill_graphs = graphs
+        got = runner.run(segs)
+        after_graph = pools(eng)
+        restore(eng, before)
+        runner.prefill_graphs = None
+        want = runner.run(segs)
+        for g, w, seg in zip(got, want, segs):
+            assert g.shape == (seg.num_logits, eng.cfg.vocab_size)
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+        kv_rows = [s for s in range(eng.cache.max_num_seqs) if s not in dict(step)]
+        for t_graph, t_eager, t_before in zip(after_graph, pools(eng), before):
+            torch.testing.assert_close(t_graph, t_eager, rtol=1e-4, atol=1e-4)
+            assert torch.equal(t_graph[kv_rows], t_before[kv_rows])  # state, conv and KV of other slots
+        for s, n in step:
+            pos[s] = pos.get(s, 0) + n
+    assert list(graphs.graphs) == [(128, 4, 4)]
+
+
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
 def test_bf16_decode_graph_with_dependent_launches_matches_eager(tiny_dirs, arch, note):
     """bf16, one sequence: the decode graph (one-row GEMVs launched as programmatic dependent launches, the

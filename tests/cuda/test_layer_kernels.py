@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from deltaserve import kernels  # noqa: E402
 from deltaserve.forward_batch import Segment, build_batch  # noqa: E402
 from deltaserve.kernels import reference  # noqa: E402
+from deltaserve.engine.prefill_graphs import bucket, layout, static_batch  # noqa: E402
 from deltaserve.kernels.triton.attention import decode_attention, store_kv  # noqa: E402
 from deltaserve.layers.feed_forward import SparseMoE  # noqa: E402
 from deltaserve.layers.norm import GatedRMSNorm, RMSNorm  # noqa: E402
@@ -112,6 +113,28 @@ def test_decode_attention_padding_rows(dtype, check):
     out = decode_attention(dq, dcaches[0], dcaches[1], table, pad_slots, positions, d ** -0.5)
     check(f"padded decode attention {dtype}", out[:n], ref, TOL[dtype])
     assert torch.equal(out[n:].cpu(), torch.zeros(pad, h, d, dtype=dtype))
+    untouched = [x for x in range(S) if x not in slots]
+    torch.testing.assert_close(dcaches[:, untouched].cpu(), before[:, untouched].cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@DTYPES
+def test_prefill_attention_padding_segment(dtype, check):
+    """A prefill-graph batch (engine/prefill_graphs.py): the "mixed" segments, then a padding segment up to the
+    bucket in slot -1: the real rows equal the reference, the padding rows are zeros, no other slot changes."""
+    h, g, d = 8, 2, 256
+    lens, slots, starts = attn_case("mixed")
+    segs = [Segment([0] * n, s0, slot) for n, slot, s0 in zip(lens, slots, starts)]
+    t = sum(lens)
+    shape, flat = layout(segs, bucket(t))
+    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(shape[0], h, g, d, dtype, seed=4)
+    before = dcaches.clone()
+    ref_batch = build_batch(segs, S)
+    ref = reference.attention(q[:t], *split_kv(kv[:t], g, d), caches[0], caches[1], ref_batch, d ** -0.5,
+                              ref_batch.blocks_for(caches[0]))
+    batch = static_batch(shape, torch.from_numpy(flat).cuda(), (S, S), None)
+    out = kernels.attention(dq, *split_kv(dkv, g, d), dcaches[0], dcaches[1], batch, d ** -0.5)
+    check(f"padded prefill attention {dtype}", out[:t], ref, TOL[dtype])
+    assert torch.equal(out[t:].cpu(), torch.zeros(shape[0] - t, h, d, dtype=dtype))
     untouched = [x for x in range(S) if x not in slots]
     torch.testing.assert_close(dcaches[:, untouched].cpu(), before[:, untouched].cpu(), rtol=0, atol=0, equal_nan=True)
 

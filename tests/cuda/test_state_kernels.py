@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from deltaserve import kernels  # noqa: E402
+from deltaserve.engine.prefill_graphs import bucket, layout, static_batch  # noqa: E402
 from deltaserve.forward_batch import Segment, build_batch  # noqa: E402
 from deltaserve.kernels.triton.conv import causal_conv  # noqa: E402
 from deltaserve.kernels.triton.recurrent import gdn_recurrent  # noqa: E402
@@ -126,4 +127,27 @@ def test_decode_padding_rows_touch_no_state(dtype, check):
     check(f"padded decode {dtype} states", ssm_pool[used], ref_in[5][used], TOL[dtype])
     untouched = [x for x in range(S) if x not in used]
     for pool, old in zip((conv_pool, ssm_pool), before):
+        assert_same_bits(pool[untouched], old[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_padding_segment_touches_no_state(dtype, check):
+    """A prefill-graph batch (engine/prefill_graphs.py): the "prefills" segments, then a padding segment up to the
+    bucket in slot -1 (fla's chunked kernel over both): outputs and states equal the reference, the padding rows are
+    finite, no other slot (the NaN-poisoned one included) changes."""
+    segs = segments("prefills")
+    t = sum(len(s.token_ids) for s in segs)
+    shape, flat = layout(segs, bucket(t))
+    ref_in, dev_in = inputs(shape[0], dtype, seed=11)
+    before = [x.clone() for x in dev_in[4:]]
+    ref_out = run_gdn(DIMS[dtype], ref_in[0][:t], *ref_in[1:], build_batch(segs, S))
+    out = run_gdn(DIMS[dtype], *dev_in, static_batch(shape, torch.from_numpy(flat).cuda(), (S, S), None))
+    tol = TOL_FP32_CHUNKED if dtype == torch.float32 else TOL[dtype]
+    check(f"padded prefill gdn {dtype} output", out[:t], ref_out, tol)
+    assert torch.isfinite(out).all()
+    used = [s.slot for s in segs]
+    check(f"padded prefill gdn {dtype} states", dev_in[5][used], ref_in[5][used], tol)
+    check(f"padded prefill gdn {dtype} conv windows", dev_in[4][used], ref_in[4][used], tol)
+    untouched = [x for x in range(S) if x not in used]
+    for pool, old in zip(dev_in[4:], before):
         assert_same_bits(pool[untouched], old[untouched])

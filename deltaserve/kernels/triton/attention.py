@@ -7,7 +7,7 @@ The caches are [NB, BS, G, D]; position p of slot s lives in block block_table[s
 - decode (one query per segment): split-K flash decoding; a program takes the R query heads of one KV
   head over one split of the keys, a second kernel merges the splits by their log-sum-exp.
 - prefill (any segment lengths): one program per (block of a segment's queries, query head), keys
-  [0, position] of its slot, online softmax.
+  [0, position] of its slot, online softmax; a segment in slot -1 (padding) gets zeros.
 Both walk the keys with the same online-softmax loop, `_attend` (causal mask for prefill only).
 Reference: `deltaserve.kernels.reference.attention`.
 """
@@ -123,6 +123,10 @@ def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, MB, o
         res = acc / tl.maximum(b_l, 1e-30)[:, None]
         tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], res.to(out.dtype.element_ty),
                  mask=m_m[:, None] & m_d[None, :])
+    elif q0 < eos:  # a padding segment (prefill graphs): zeros, so that no garbage reaches the layers after
+        o_m, o_d = q0 + tl.arange(0, BM), tl.arange(0, BD)
+        tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], tl.zeros([BM, BD], out.dtype.element_ty),
+                 mask=(o_m < eos)[:, None] & (o_d < D)[None, :])
 
 
 def store_kv(k, v, k_cache, v_cache, block_table, token_slots, positions):

@@ -5,7 +5,8 @@ Letters: T = tokens, C = conv channels, Hk/H = QK/V heads, Dk/Dv = head dims, N 
 - `chunk_inputs`: from the conv output x [T, C] (rows q | k | v) and the raw gate inputs a, b [T, H] (strided
   views of the in-projection): q and k L2-normalised per head, v, a contiguous, beta = sigmoid(b) in float32,
   one program per token (fla's l2norm, the contiguous copies, the sigmoid: eight launches before).
-- `initial_states`: pool[slots], zero where a segment starts at position 0 (three launches before).
+- `initial_states`: pool[slots], zero where a segment starts at position 0 (three launches before);
+  `store_states`: the final states back into pool[slots]. Slot -1 (a padding segment) reads zeros, writes nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def chunk_inputs(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, num_k_heads:
 def initial_states_kernel(pool, slots, reset, out, SIZE: tl.constexpr, B: tl.constexpr):
     i_n, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1)
     slot = tl.load(slots + i_n).to(tl.int64)
-    keep = tl.load(reset + i_n) == 0
+    keep = (tl.load(reset + i_n) == 0) & (slot >= 0)
     o = i_b * B + tl.arange(0, B)
     m = o < SIZE
     tl.store(out + i_n * SIZE + o, tl.load(pool + slot * SIZE + o, mask=m & keep, other=0.), mask=m)
@@ -79,3 +80,21 @@ def initial_states(pool: torch.Tensor, slots: torch.Tensor, reset: torch.Tensor)
     block = 4096
     initial_states_kernel[(slots.shape[0], triton.cdiv(size, block))](pool, slots, reset, out, SIZE=size, B=block)
     return out
+
+
+@triton.jit
+def store_states_kernel(states, slots, pool, SIZE: tl.constexpr, B: tl.constexpr):
+    i_n, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    slot = tl.load(slots + i_n).to(tl.int64)
+    if slot >= 0:
+        o = i_b * B + tl.arange(0, B)
+        m = o < SIZE
+        tl.store(pool + slot * SIZE + o, tl.load(states + i_n * SIZE + o, mask=m), mask=m)
+
+
+def store_states(pool: torch.Tensor, slots: torch.Tensor, states: torch.Tensor) -> None:
+    """pool[slots[n]] = states[n] for slots >= 0; pool [S, ...] and states [N, ...] contiguous, the same dtype."""
+    assert pool.is_contiguous() and states.is_contiguous() and pool.dtype == states.dtype
+    size = pool[0].numel()
+    block = 4096
+    store_states_kernel[(slots.shape[0], triton.cdiv(size, block))](states, slots, pool, SIZE=size, B=block)

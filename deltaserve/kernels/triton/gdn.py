@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...forward_batch import ForwardBatch
-from .chunk_inputs import chunk_inputs, initial_states
+from ...forward_batch import CHUNK, ForwardBatch
+from .chunk_inputs import chunk_inputs, initial_states, store_states
 from .conv import causal_conv
 from .recurrent import gdn_recurrent
 
@@ -56,9 +56,6 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     return torch.cat([decode, prefill])
 
 
-CHUNK = 64  # fla's chunk of the chunked delta rule
-
-
 def chunked_by_slot(x, a, b, A_log, dt_bias, pool, slots, reset, meta: tuple[torch.Tensor, torch.Tensor],
                     num_k_heads: int, dk: int):
     """fla's chunked gated delta rule over prefill segments: x [T, C] after the conv; a, b [T, H] raw gate inputs;
@@ -73,5 +70,5 @@ def chunked_by_slot(x, a, b, A_log, dt_bias, pool, slots, reset, meta: tuple[tor
     _, o, _, ht, _, _ = chunk_gated_delta_rule_fwd(
         q, k, v, a, beta, scale=dk ** -0.5, initial_state=initial_states(pool, slots, reset), output_final_state=True,
         cu_seqlens=cu, chunk_indices=index, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, chunk_size=CHUNK)
-    pool.index_copy_(0, slots, ht)
+    store_states(pool, slots, ht)
     return o[0]

@@ -7,7 +7,7 @@ from deltaserve.cache.slot_table import SlotTable
 from deltaserve.forward_batch import GROUP_FIELDS, TENSOR_FIELDS, BatchError, Segment, build_batch
 from deltaserve.transfer import packed, unpacked
 from deltaserve.engine.batch import decompose_tokens
-from deltaserve.engine.prefill_graphs import bucket, layout, static_batch
+from deltaserve.engine.prefill_graphs import bucket, decode_rows, layout, static_batch
 from deltaserve.kernels import reference
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence, Status
@@ -82,26 +82,31 @@ def test_chunk_meta_indexes_every_chunk_of_the_prefill_segments():
     assert b.chunk_meta(1, 64)[0] is cu  # built once per batch: every layer reads the same tensors
 
 
-def test_prefill_graph_layout_pads_with_a_slotless_segment():
-    """A prefill step laid out for a graph of T = bucket(tokens): the real segments in order, then a padding
-    segment up to T in slot -1 (reset, positions from 0); the batch viewing the flat inputs has the cu_seqlens and
-    chunk index build_batch gives the same segments (the padding one on a real slot there)."""
+def test_prefill_graph_layout_pads_with_slotless_rows():
+    """A step laid out for a prefill graph of D decode rows and T = bucket(prefill tokens): the decodes, padding
+    rows in slot -1 up to D, the prefill segments in order, then a padding segment up to T in slot -1 (reset,
+    positions from 0); the batch viewing the flat inputs has the cu_seqlens and chunk index build_batch gives the
+    same segments (the padding ones on real slots there), and each segment's logits row."""
     assert [bucket(n) for n in (1, 16, 17, 129, 2048, 2049, 8192)] == [16, 16, 32, 192, 2048, 2560, 8192]
-    segs = [Segment(list(range(100, 110)), 5, 3, 1), Segment(list(range(70)), 0, 1, 0)]
-    shape, flat = layout(segs, bucket(80))
-    assert shape == (96, 3, 4)  # 96 tokens, 3 segments, chunks 1 + 2 + 1
-    batch = static_batch(shape, torch.from_numpy(flat), (4, 4), None)
-    assert batch.input_ids.tolist() == list(range(100, 110)) + list(range(70)) + [0] * 16
-    assert batch.positions.tolist() == list(range(5, 15)) + list(range(70)) + list(range(16))
-    assert batch.token_slots.tolist() == [3] * 10 + [1] * 70 + [-1] * 16
-    assert batch.slots.tolist() == [3, 1, -1] and batch.reset.tolist() == [0, 1, 1]
-    assert batch.logits_index.tolist() == [9, 79, 95]
-    cu, index = batch.chunk_meta(0)
-    same = build_batch(segs + [Segment([0] * 16, 0, 0)], 4)
-    assert cu.tolist() == same.chunk_meta(0)[0].tolist() == [0, 10, 80, 96]
-    assert index.tolist() == same.chunk_meta(0)[1].tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
-    shape, flat = layout(segs, 80)  # no padding where the tokens fill the bucket
-    assert shape == (80, 2, 3) and flat.size == 3 * 80 + 4 * 2 + 1 + 2 * 3
+    assert [decode_rows(n) for n in (0, 1, 3, 9, 256, 257)] == [0, 1, 4, 16, 256, 320]
+    segs = [Segment(list(range(100, 110)), 5, 3, 1), Segment([7], 40, 6), Segment(list(range(70)), 0, 1, 0)]
+    shape, flat, where = layout(segs, 2, bucket(80))
+    assert shape == (2, 96, 5, 4)  # 2 decode rows, 96 prefill tokens, 5 segments, chunks 1 + 2 + 1
+    assert where == [2, 0, 3]
+    batch = static_batch(shape, torch.from_numpy(flat), (8, 8), None)
+    assert batch.input_ids.tolist() == [7, 0] + list(range(100, 110)) + list(range(70)) + [0] * 16
+    assert batch.positions.tolist() == [40, 0] + list(range(5, 15)) + list(range(70)) + list(range(16))
+    assert batch.token_slots.tolist() == [6, -1] + [3] * 10 + [1] * 70 + [-1] * 16
+    assert batch.slots.tolist() == [6, -1, 3, 1, -1] and batch.reset.tolist() == [0, 1, 0, 1, 1]
+    assert batch.logits_index.tolist() == [0, 1, 11, 81, 97]
+    assert [g.kind for g in batch.groups] == ["decode", "prefill"] and batch.groups[1].slots.tolist() == [3, 1, -1]
+    cu, index = batch.chunk_meta(2)
+    same = build_batch([Segment([7], 40, 6), Segment([0], 0, 7)] + [segs[0], segs[2], Segment([0] * 16, 0, 0)], 8)
+    assert cu.tolist() == same.chunk_meta(2)[0].tolist() == [0, 10, 80, 96]
+    assert index.tolist() == same.chunk_meta(2)[1].tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
+    assert batch.cu_seqlens.tolist() == same.cu_seqlens.tolist()
+    shape, flat, where = layout([segs[0], segs[2]], 0, 80)  # no padding where the tokens fill the bucket
+    assert shape == (0, 80, 2, 3) and where == [0, 1] and flat.size == 3 * 80 + 5 * 2 + 2 + 2 * 3
 
 
 @pytest.mark.parametrize("segs,msg", [

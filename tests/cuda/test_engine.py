@@ -118,19 +118,22 @@ def test_one_graph_serves_any_slot_assignment(tiny_dirs, arch):
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
 def test_one_prefill_graph_serves_any_slots_and_splits(tiny_dirs, arch):
-    """Steps of prompt chunks of one graph shape (128 tokens with the padding segment, 4 segments, 4 chunks) with
-    other slots, lengths and start positions each time, new prompts and continued ones: captured on the shape's
-    second sight, then replayed; logits and every slot's state equal an eager run, other slots are untouched."""
+    """Steps of prompt chunks beside decodes, of one graph shape (4 decode rows, 128 prefill tokens with the padding
+    segment, 8 segments, 4 chunks) with other slots, lengths and start positions each time, new prompts and
+    continued ones, 3 or 4 decodes (a padding decode row or none): captured on the shape's second sight, then replayed; logits and every
+    slot's state equal an eager run, other slots are untouched."""
     eng = engine(tiny_dirs[arch], 16, budget=256)
     runner, rng = eng.runner, random.Random(2)
     graphs, runner.prefill_graphs = runner.prefill_graphs, None
-    pos = {s: 70 for s in (3, 7, 1, 12, 5, 9)}
+    pos = {s: 70 for s in (3, 7, 1, 12, 5, 9, 4, 8)}
     runner.run([Segment([rng.randrange(eng.cfg.vocab_size) for _ in range(70)], 0, s, 0) for s in pos])  # eager
-    steps = [[(3, 40), (0, 30), (12, 50)], [(14, 10), (7, 60), (1, 45)], [(5, 64), (3, 20), (0, 30)],
-             [(9, 33), (2, 63), (12, 2)]]  # (slot, tokens): 97 to 120 tokens, 3 segments of one chunk each
-    for step in steps:
-        segs = [Segment([rng.randrange(eng.cfg.vocab_size) for _ in range(n)], pos.get(s, 0), s, rng.randint(0, 1))
-                for s, n in step]
+    steps = [[(3, 40), (4, 1), (0, 30), (12, 50), (8, 1), (5, 1)],
+             [(14, 10), (9, 1), (7, 60), (4, 1), (1, 45), (8, 1), (5, 1)],
+             [(5, 64), (3, 20), (4, 1), (0, 30), (8, 1), (9, 1)],
+             [(7, 1), (9, 33), (2, 63), (8, 1), (12, 2), (4, 1)]]
+    for step in steps:  # (slot, tokens): 3 or 4 decodes, 97 to 120 prefill tokens in 3 segments of one chunk each
+        segs = [Segment([rng.randrange(eng.cfg.vocab_size) for _ in range(n)], pos.get(s, 0), s,
+                        1 if n == 1 else rng.randint(0, 1)) for s, n in step]
         before = pools(eng)
         runner.prefill_graphs = graphs
         got = runner.run(segs)
@@ -147,7 +150,7 @@ def test_one_prefill_graph_serves_any_slots_and_splits(tiny_dirs, arch):
             assert torch.equal(t_graph[kv_rows], t_before[kv_rows])  # state, conv and KV of other slots
         for s, n in step:
             pos[s] = pos.get(s, 0) + n
-    assert list(graphs.graphs) == [(128, 4, 4)]
+    assert list(graphs.graphs) == [(4, 128, 8, 4)]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])

@@ -118,23 +118,26 @@ def test_decode_attention_padding_rows(dtype, check):
 
 
 @DTYPES
-def test_prefill_attention_padding_segment(dtype, check):
-    """A prefill-graph batch (engine/prefill_graphs.py): the "mixed" segments, then a padding segment up to the
-    bucket in slot -1: the real rows equal the reference, the padding rows are zeros, no other slot changes."""
+def test_prefill_attention_padding_rows(dtype, check):
+    """A prefill-graph batch (engine/prefill_graphs.py) of the "mixed" segments: its 2 decodes, 2 padding decode rows
+    in slot -1, its prefill segments, a padding segment up to the bucket in slot -1. The real rows equal the
+    reference, the padding rows are zeros, no other slot changes."""
     h, g, d = 8, 2, 256
     lens, slots, starts = attn_case("mixed")
     segs = [Segment([0] * n, s0, slot) for n, slot, s0 in zip(lens, slots, starts)]
     t = sum(lens)
-    shape, flat = layout(segs, bucket(t))
-    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(shape[0], h, g, d, dtype, seed=4)
+    shape, flat, _ = layout(segs, 4, bucket(t - 2))
+    real = [0, 1] + list(range(4, t + 2))  # rows of the real tokens, in build_batch's order (decodes first)
+    (q, kv, caches), (dq, dkv, dcaches) = attn_inputs(shape[0] + shape[1], h, g, d, dtype, seed=4)
     before = dcaches.clone()
     ref_batch = build_batch(segs, S)
-    ref = reference.attention(q[:t], *split_kv(kv[:t], g, d), caches[0], caches[1], ref_batch, d ** -0.5,
+    ref = reference.attention(q[real], *split_kv(kv[real], g, d), caches[0], caches[1], ref_batch, d ** -0.5,
                               ref_batch.blocks_for(caches[0]))
     batch = static_batch(shape, torch.from_numpy(flat).cuda(), (S, S), None)
     out = kernels.attention(dq, *split_kv(dkv, g, d), dcaches[0], dcaches[1], batch, d ** -0.5)
-    check(f"padded prefill attention {dtype}", out[:t], ref, TOL[dtype])
-    assert torch.equal(out[t:].cpu(), torch.zeros(shape[0] - t, h, d, dtype=dtype))
+    check(f"padded prefill attention {dtype}", out[real], ref, TOL[dtype])
+    pad = [r for r in range(out.shape[0]) if r not in real]
+    assert torch.equal(out[pad].cpu(), torch.zeros(len(pad), h, d, dtype=dtype))
     untouched = [x for x in range(S) if x not in slots]
     torch.testing.assert_close(dcaches[:, untouched].cpu(), before[:, untouched].cpu(), rtol=0, atol=0, equal_nan=True)
 

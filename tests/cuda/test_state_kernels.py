@@ -137,8 +137,8 @@ def test_prefill_padding_segment_touches_no_state(dtype, check):
     finite, no other slot (the NaN-poisoned one included) changes."""
     segs = segments("prefills")
     t = sum(len(s.token_ids) for s in segs)
-    shape, flat = layout(segs, bucket(t))
-    ref_in, dev_in = inputs(shape[0], dtype, seed=11)
+    shape, flat, _ = layout(segs, 0, bucket(t))
+    ref_in, dev_in = inputs(shape[1], dtype, seed=11)
     before = [x.clone() for x in dev_in[4:]]
     ref_out = run_gdn(DIMS[dtype], ref_in[0][:t], *ref_in[1:], build_batch(segs, S))
     out = run_gdn(DIMS[dtype], *dev_in, static_batch(shape, torch.from_numpy(flat).cuda(), (S, S), None))

@@ -25,7 +25,7 @@ def _snapshot_table(batch: ForwardBatch, num_segments: int) -> torch.Tensor | No
     rows = []
     for grp in batch.groups:
         if grp.kind == "decode":
-            rows.append(grp.slots.new_full((len(grp.lens), 1), -1))
+            rows.append(grp.slots.new_full((len(grp.slots), 1), -1))
         elif grp.kind == "verify":
             rows.append(grp.snapshot_slots)
     width = max(r.shape[1] for r in rows)
@@ -39,7 +39,7 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     """mixed [T, C] pre-conv q|k|v; a, b [T, H] raw gate inputs; conv_weight [C, K]; A_log, dt_bias [H];
     conv_pool [S, K-1, C]; ssm_pool [S, H, Dk, Dv] float32. Returns [T, H, Dv] in mixed's dtype."""
     n_seg = len(batch.lens)
-    n_rec = sum(len(g.lens) for g in batch.groups if g.kind != "prefill")  # host metadata: no device sync
+    n_rec = sum(len(g.slots) for g in batch.groups if g.kind != "prefill")  # a shape: no device sync
     snaps = _snapshot_table(batch, n_seg)
     x = causal_conv(mixed, conv_weight, conv_pool, batch.cu_seqlens, batch.slots, batch.reset, max(batch.lens), snaps)
     if n_rec == n_seg:

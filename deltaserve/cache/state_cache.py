@@ -117,12 +117,16 @@ class HybridCache:
 
     def copy_blocks(self, src: int, dst: int) -> None:
         """Copy one KV block (every attention layer's, the MTP head's too) to another."""
-        for k, v in self._kv:
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+        _copy_rows(self._kv, src, dst)
 
     def copy_state(self, src: int, dst: int) -> None:
         """Copy one slot's recurrent state (conv windows + delta-rule states of every GDN layer) to another."""
-        for conv, ssm in self._gdn:
-            conv[dst].copy_(conv[src])
-            ssm[dst].copy_(ssm[src])
+        _copy_rows(self._gdn, src, dst)
+
+
+def _copy_rows(pairs: list[tuple[torch.Tensor, torch.Tensor]], src: int, dst: int) -> None:
+    """Row dst of every tensor = its row src, in one multi-tensor copy (a few launches on CUDA, not one per tensor:
+    a snapshot at a prompt's end is on the path to its first token)."""
+    tensors = [t for pair in pairs for t in pair]
+    if tensors:
+        torch._foreach_copy_([t[dst] for t in tensors], [t[src] for t in tensors])

@@ -107,6 +107,9 @@ def main() -> None:
     rows = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"t{i}") for i in range(5)) * 1e3,
             "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"l{i}") for i in range(3)) * 1e3,
             "64 x 128 (ms)": min(batch_time(engine, prompts(64, 128, v, 20 + i), f"b{i}") for i in range(3)) * 1e3}
+    # a shape not seen before (a 300-token prompt: 384-token graph): eager, then captured, then replayed
+    rows.update({f"1 x 300, {when} (ms)": ttft(engine, prompts(1, 300, v, 50 + i)[0], f"n{i}") * 1e3
+                 for i, when in enumerate(("first sight: eager", "second: capture", "third: replay"))})
     graphs, engine.runner.prefill_graphs = engine.runner.prefill_graphs, None
     eager = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"e{i}") for i in range(5)) * 1e3,
              "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"el{i}") for i in range(3)) * 1e3,

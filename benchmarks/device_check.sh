@@ -33,11 +33,11 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(graphs kernels quant engine ttft decode quant-bench prefix)
 for s in "${steps[@]}"; do
   case $s in
-    graphs) step graphs 300 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
+    graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
-    ttft) (cd benchmarks && step ttft 300 python3 profile_cuda_prefill.py --profile) ;;
+    ttft) (cd benchmarks && step ttft 300 python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
     prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \

@@ -135,7 +135,8 @@ def main() -> None:
             fn()
             hf_rows[name] = sync_time(fn, 3) * 1e3
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {commit()}, {datetime.date.today()}; "
-          f"qwen3.5-0.8b-class, random bf16 weights; token budget {base}\n")
+          f"qwen3.5-0.8b-class, random bf16 weights; token budget {base}; prefill graphs captured: "
+          f"{sorted(graphs.graphs)} (a capture failed: {graphs.failed})\n")
     print("| case | deltaserve | its GPU busy time | without prefill graphs | HF | HF / deltaserve (speedup) |\n"
           "|---|---|---|---|---|---|")
     for name, t in rows.items():

@@ -18,6 +18,7 @@ with every slot -1, so capturing touches no state. Pure-decode steps take the de
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from .cuda_graphs import CAPTURE_SIZES, capture
 TOKEN_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # then every 512
 MAX_TOKENS = 16384  # larger steps are GPU-bound: eager
 MAX_GRAPHS = 32
+log = logging.getLogger(__name__)
 
 Shape = tuple[int, int, int, int]  # (D, T, N, NT)
 
@@ -114,6 +116,7 @@ class PrefillGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.logits: torch.Tensor | None = None  # [N_max, V] in the model's dtype, written by every replay
         self.copied = torch.cuda.Event()  # the last host -> device input copy has read its pinned buffer
+        self.failed = False  # a capture failed: no more are tried
 
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
         """Each segment's logits ([num_logits, V] float32, input order), or None when no graph takes this step
@@ -128,9 +131,14 @@ class PrefillGraphs:
         shape, flat, where = layout(segments, decode_rows(n_dec), t)
         if shape not in self.graphs:
             self.seen[shape] += 1
-            if self.seen[shape] < 2 or len(self.graphs) >= MAX_GRAPHS:
+            if self.seen[shape] < 2 or len(self.graphs) >= MAX_GRAPHS or self.failed:
                 return None
-            self._capture(shape, flat)
+            try:
+                self._capture(shape, flat)
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # out of memory, say: steps stay eager, none lost
+                log.warning("prefill graphs off: capturing %s failed: %s", shape, e)
+                self.failed = True
+                return None
         graph = self.graphs[shape]
         self.copied.synchronize()  # the previous copy out of a pinned buffer is done
         graph.host.numpy()[:] = flat

@@ -5,6 +5,7 @@
 #   bash benchmarks/device_check.sh [graphs kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
+#   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
 #   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
@@ -34,10 +35,11 @@ steps=("$@")
 for s in "${steps[@]}"; do
   case $s in
     graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
+    graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
-    ttft) (cd benchmarks && step ttft 300 python3 profile_cuda_prefill.py --profile --more-budgets) ;;
+    ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
     prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \

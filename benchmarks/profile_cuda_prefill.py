@@ -26,6 +26,7 @@ import torch
 from bench_cuda import CONFIGS, build, sync_time
 from common import commit
 from deltaserve import LLMEngine, SamplingParams
+from deltaserve.forward_batch import Segment
 
 CONFIG = CONFIGS["qwen3.5-0.8b"]
 
@@ -74,6 +75,20 @@ def device_ms(fn) -> float:
     return sum(e.self_device_time_total for e in profiled(fn)) / 1e3
 
 
+def graph_vs_eager(engine: LLMEngine, batch: list[list[int]], name: str) -> str:
+    """One prefill step of `batch` (slots 0..n-1) from its prefill graph and eagerly: how far the logits differ."""
+    segments = [Segment(p, 0, slot) for slot, p in enumerate(batch)]
+    runner, graphs = engine.runner, engine.runner.prefill_graphs
+    assert graphs.run(segments) is not None, f"{name}: no prefill graph replayed"
+    got = torch.cat(runner.run(segments))
+    runner.prefill_graphs = None
+    want = torch.cat(runner.run(segments))
+    runner.prefill_graphs = graphs
+    same = int((got.argmax(-1) == want.argmax(-1)).sum())
+    return (f"{name}: graph vs eager logits max |diff| {float((got - want).abs().max()):.3g} "
+            f"(logits up to {float(want.abs().max()):.3g}), argmax equal in {same}/{len(batch)}")
+
+
 def decode_steps(engine: LLMEngine, vocab: int, steps: int = 10):
     """A function running `steps` decode steps of one greedy sequence (CUDA graphs as configured)."""
     engine.add_request("decode", prompts(1, 128, vocab, 9)[0], SamplingParams(max_tokens=64, temperature=0,
@@ -110,6 +125,7 @@ def main() -> None:
     # a shape not seen before (a 300-token prompt: 384-token graph): eager, then captured, then replayed
     rows.update({f"1 x 300, {when} (ms)": ttft(engine, prompts(1, 300, v, 50 + i)[0], f"n{i}") * 1e3
                  for i, when in enumerate(("first sight: eager", "second: capture", "third: replay"))})
+    agreement = [graph_vs_eager(engine, prompts(n, 128, v, 60), f"{n} x 128") for n in (1, 64)]
     graphs, engine.runner.prefill_graphs = engine.runner.prefill_graphs, None
     eager = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"e{i}") for i in range(5)) * 1e3,
              "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"el{i}") for i in range(3)) * 1e3,
@@ -143,6 +159,7 @@ def main() -> None:
         theirs = hf_rows.get(name)
         cells = [f"{x[name]:.2f}" if name in x else "-" for x in (busy, eager, hf_rows)]
         print(f"| {name} | {t:.2f} | {' | '.join(cells)} | {'-' if theirs is None else f'{theirs / t:.2f}x'} |")
+    print("\n".join(agreement))
     if args.profile:
         first_token = lambda: ttft(engine, prompts(1, 128, v, 7)[0], f"p{next(tags)}")  # noqa: E731
         print(f"one 1 x 128 TTFT ({len(engine.runner.prefill_graphs.graphs)} prefill graphs captured), by host time:")

@@ -125,12 +125,14 @@ def main() -> None:
     # a shape not seen before (a 300-token prompt: 384-token graph): eager, then captured, then replayed
     rows.update({f"1 x 300, {when} (ms)": ttft(engine, prompts(1, 300, v, 50 + i)[0], f"n{i}") * 1e3
                  for i, when in enumerate(("first sight: eager", "second: capture", "third: replay"))})
+    print("measured so far:", {k: round(t, 2) for k, t in rows.items()}, flush=True)
     agreement = [graph_vs_eager(engine, prompts(n, 128, v, 60), f"{n} x 128") for n in (1, 64)]
     graphs, engine.runner.prefill_graphs = engine.runner.prefill_graphs, None
     eager = {"ttft 1 x 128 (ms)": min(ttft(engine, prompts(1, 128, v, i)[0], f"e{i}") for i in range(5)) * 1e3,
              "1 x 4096 (ms)": min(ttft(engine, prompts(1, 4096, v, 10 + i)[0], f"el{i}") for i in range(3)) * 1e3,
              "64 x 128 (ms)": min(batch_time(engine, prompts(64, 128, v, 20 + i), f"eb{i}") for i in range(3)) * 1e3}
     engine.runner.prefill_graphs = graphs
+    print("\n".join(agreement), "\nwithout prefill graphs:", {k: round(t, 2) for k, t in eager.items()}, flush=True)
     tags = iter(range(10 ** 6))
     busy = {"ttft 1 x 128 (ms)": device_ms(lambda: ttft(engine, prompts(1, 128, v, 7)[0], f"g{next(tags)}")),
             "1 x 4096 (ms)": device_ms(lambda: ttft(engine, prompts(1, 4096, v, 7)[0], f"g{next(tags)}")),
@@ -159,7 +161,6 @@ def main() -> None:
         theirs = hf_rows.get(name)
         cells = [f"{x[name]:.2f}" if name in x else "-" for x in (busy, eager, hf_rows)]
         print(f"| {name} | {t:.2f} | {' | '.join(cells)} | {'-' if theirs is None else f'{theirs / t:.2f}x'} |")
-    print("\n".join(agreement))
     if args.profile:
         first_token = lambda: ttft(engine, prompts(1, 128, v, 7)[0], f"p{next(tags)}")  # noqa: E731
         print(f"one 1 x 128 TTFT ({len(engine.runner.prefill_graphs.graphs)} prefill graphs captured), by host time:")

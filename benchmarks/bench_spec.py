@@ -31,7 +31,7 @@ def generate(engine: LLMEngine, np_: int, tokens: int) -> tuple[float, float, li
     for i in range(np_):
         engine.add_request(str(i), tok.encode(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))), params)
     drafted0, accepted0 = engine.stats.draft_tokens, engine.stats.accepted_tokens
-    outs, start, first = {}, time.perf_counter(), None
+    outs, first = {}, None
     while engine.has_unfinished_requests():
         for o in engine.step():
             first = first or time.perf_counter()

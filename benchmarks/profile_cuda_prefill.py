@@ -113,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     hf, ours, cfg = build(*CONFIG)
     opts = {} if args.budget is None else {"max_num_batched_tokens": args.budget}
-    engine = LLMEngine(ours, cfg, max_num_seqs=64, max_model_len=4096 + 64, device="cuda", **opts)
+    engine = LLMEngine(ours, cfg, max_num_seqs=64, max_model_len=4096 + 64, device="cuda", prefill_graphs=True, **opts)
     v, base = cfg.vocab_size, engine.scheduler.budget
     for i in range(3):  # compile, autotune, graphs
         ttft(engine, prompts(1, 128, v, 100 + i)[0], f"warm{i}")

@@ -18,7 +18,7 @@ class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "auto", max_num_seqs: int = 16,
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None, **engine_options):
         """engine_options: the other LLMEngine options (spec_tokens, overlap_decode, extra_state_slots,
-        tensor_parallel_size, enable_prefix_caching, prefix_cache_slots, num_kv_blocks)."""
+        tensor_parallel_size, enable_prefix_caching, prefix_cache_slots, num_kv_blocks, prefill_graphs)."""
         self.engine = LLMEngine.from_pretrained(
             model, device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, **engine_options,

@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
         return 0
-    print(f"| depth | PP tokens | PP t/s | TG tokens | TG t/s |\n|---|---|---|---|---|")
+    print("| depth | PP tokens | PP t/s | TG tokens | TG t/s |\n|---|---|---|---|---|")
     for r in depth:
         print(f"| {r.depth} | {r.pp_tokens} | {r.pp_tps:.1f} | {r.tg_tokens} | {r.tg_tps:.2f} |")
-    print(f"\n| np | slots | aggregate TG t/s | per-sequence t/s |\n|---|---|---|---|")
+    print("\n| np | slots | aggregate TG t/s | per-sequence t/s |\n|---|---|---|---|")
     for r in conc:
         print(f"| {r.np} | {','.join(map(str, r.slots))} | {r.aggregate_tps:.2f} | {r.per_seq_tps:.2f} |")
     if spec:

@@ -41,7 +41,8 @@ class LLMEngine:
                  max_model_len: int = 4096, max_num_batched_tokens: int | None = None,
                  extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
                  overlap_decode: bool | None = None, tp_group=None, enable_prefix_caching: bool = True,
-                 prefix_cache_slots: int | None = None, num_kv_blocks: int | None = None):
+                 prefix_cache_slots: int | None = None, num_kv_blocks: int | None = None,
+                 prefill_graphs: bool = False):
         """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
         enable_prefix_caching: reuse the KV blocks and recurrent-state snapshots of earlier requests' prefixes;
         prefix_cache_slots: snapshots kept (each one state slot; default max(8, max_num_seqs)); num_kv_blocks: KV
@@ -50,6 +51,8 @@ class LLMEngine:
         64 prompts of 128 tokens took half the time of 2048 (benchmarks/RESULTS.md, issue 17); 2048 on the CPU).
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
         the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
+        prefill_graphs: CUDA graphs of steps with prompt chunks (engine/prefill_graphs.py); off by default until
+        tests/cuda has run them on a GPU (written without device time; see benchmarks/RESULTS.md, issue 17).
         tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
         (from_pretrained(..., tensor_parallel_size=N) starts them); every runner call then runs on all ranks."""
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -63,7 +66,7 @@ class LLMEngine:
             max(8, max_num_seqs) if prefix_cache_slots is None else prefix_cache_slots
         self.cache = HybridCache(cfg, max_num_seqs, max_model_len, model.dtype, self.device, spare + snapshots,
                                  mtp_layers, num_kv_blocks)
-        self.runner = ModelRunner(model, self.cache, self.device)
+        self.runner = ModelRunner(model, self.cache, self.device, prefill_graphs)
         if tp_group is not None:
             model.set_tensor_parallel(tp_group)
             self.runner = MirroredRunner(self.runner, tp_group)

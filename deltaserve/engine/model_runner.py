@@ -16,13 +16,13 @@ from .step_tokens import StepTokens
 
 
 class ModelRunner:
-    def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device):
+    def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device, prefill_graphs: bool = False):
         self.model, self.cache, self.device = model, cache, device
         if device.type == "cpu":
             pack_for_cpu(model)  # weights repacked for the native kernels, in their own formats (issue 15)
         cuda = device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache, device) if cuda else None  # decode steps
-        self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda else None  # steps of prompt chunks
+        self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda and prefill_graphs else None  # prompt chunks
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], keep_hidden: bool = False):

@@ -19,7 +19,7 @@ from drive import drive  # noqa: E402
 
 def engine(path, np_: int, budget: int = 64) -> LLMEngine:
     return LLMEngine.from_pretrained(path, device="cuda", dtype="float32", max_num_seqs=np_, max_model_len=256,
-                                     max_num_batched_tokens=budget)
+                                     max_num_batched_tokens=budget, prefill_graphs=True)
 
 
 @pytest.mark.parametrize("np_", [1, 8, 64])

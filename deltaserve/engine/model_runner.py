@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.state_cache import HybridCache
+from ..kernels import cpu_native
 from ..layers.cpu_packed import pack_for_cpu
 from ..layers.model import HybridModel
 from ..sampling.sampler import SampledRows, pick
@@ -15,11 +16,16 @@ from .prefill_graphs import PrefillGraphs
 from .step_tokens import StepTokens
 
 
+LARGE_STEP = 1024  # tokens
+
+
 class ModelRunner:
     def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device, prefill_graphs: bool = False):
         self.model, self.cache, self.device = model, cache, device
-        if device.type == "cpu":
-            pack_for_cpu(model)  # weights repacked for the native kernels, in their own formats (issue 15)
+        packed = device.type == "cpu" and pack_for_cpu(model)  # weights repacked for the native kernels (issue 15)
+        # from the first step this long on, freed memory is kept for reuse: such a step's activations (tens of MB)
+        # would page-fault in afresh every step, and a short-prompt run keeps its smaller resident size
+        self.keep_memory_from = LARGE_STEP if packed else None
         cuda = device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache, device) if cuda else None  # decode steps
         self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda and prefill_graphs else None  # prompt chunks
@@ -29,6 +35,9 @@ class ModelRunner:
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
         and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
         check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
+        if self.keep_memory_from is not None and sum(len(s.token_ids) for s in segments) >= self.keep_memory_from:
+            cpu_native.keep_freed_memory()
+            self.keep_memory_from = None
         if not keep_hidden:
             for graphs in (self.graphs, self.prefill_graphs):
                 if graphs is not None and (logits := graphs.run(segments)) is not None:

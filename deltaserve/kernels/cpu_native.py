@@ -99,6 +99,24 @@ def _drop_stale_lock(name: str) -> None:
         pass
 
 
+def keep_freed_memory() -> None:
+    """Makes glibc keep freed memory for reuse instead of handing blocks back to the OS. Its allocator maps every
+    block above its mmap threshold (32 MB at most) afresh and unmaps it on free, so each prefill's activations (a
+    2044 x 12352 float32 projection is 100 MB) page-fault in again: ~12 ms per 42 MB here, 9% of a 2044-token
+    prefill of the 338M checkpoint (benchmarks/RESULTS.md, issue 15). llama.cpp reuses one compute buffer to the
+    same end. The process's resident size no longer shrinks after a long prompt. Process-wide, so the CPU runner
+    calls it once, at its first long step (while loading, the CLI has large freed buffers go back to the OS:
+    cli/main.py); a no-op where the C library is not glibc."""
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    mallopt(m_mmap_max, 0)  # every block from the heap
+    mallopt(m_trim_threshold, 1 << 30)  # and freed heap memory kept, up to 1 GiB of free top
+
+
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can take the native kernels: float32 on the CPU, no autograd, built."""
     return (not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)

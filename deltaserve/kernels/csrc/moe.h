@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 #include "packed.h"
@@ -10,10 +11,13 @@
 
 // One product over every expert hit: ys[p] = W_e . rows[p] for the pairs p of each expert e (w: the routed stack,
 // experts 0..E-1; shared: the shared expert, index E). Work items are (expert, block of weight groups), so each
-// weight row is read once per step for all tokens routed to its expert.
+// weight row is read once per step for all tokens routed to its expert. Items cost in proportion to their rows
+// (the shared expert's: every token), so threads take them one at a time from a shared counter, costliest first:
+// a static split by count left one thread with the shared expert's and a third more work (prefill of 2044 tokens).
+// Each item writes its own outputs: which thread runs it changes no result.
 static void expert_product(const PackedWeight& w, const PackedWeight& shared, const std::vector<std::vector<int64_t>>& pairs_of,
                            const std::vector<ActRow>& rows, const std::vector<float*>& ys) {
-  struct Item { int64_t e, g0, g1; };
+  struct Item { int64_t e, g0, g1, cost; };
   std::vector<Item> items;
   std::vector<std::vector<ActRow>> rows_of(pairs_of.size());
   std::vector<std::vector<float*>> ys_of(pairs_of.size());
@@ -23,10 +27,13 @@ static void expert_product(const PackedWeight& w, const PackedWeight& shared, co
     for (int64_t p : pairs) rows_of[e].push_back(rows[p]), ys_of[e].push_back(ys[p]);
     const PackedWeight& m = e < w.experts ? w : shared;
     const int64_t grain = group_grain(m, (int64_t)pairs.size()), G = m.groups();
-    for (int64_t g = 0; g < G; g += grain) items.push_back({e, g, std::min(g + grain, G)});
+    for (int64_t g = 0; g < G; g += grain)
+      items.push_back({e, g, std::min(g + grain, G), (std::min(g + grain, G) - g) * m.k * (int64_t)pairs.size()});
   }
-  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1)) < (int64_t)items.size();) {
       const Item& it = items[i];
       const bool routed = it.e < w.experts;
       linear_groups(routed ? w : shared, routed ? it.e : 0, rows_of[it.e].data(), (int64_t)rows_of[it.e].size(),

@@ -70,13 +70,13 @@ class ModelRunner:
         """Runs the MTP head: segment rows are (main hidden at position p, token p+1) at position p.
 
         Returns per segment (draft logits [num_logits, V], MTP outputs [num_logits, D]), input order."""
+        check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
         batch = self._batch(segments)
         out = self.model.mtp(batch.join_tokens(hidden), self.model.embed(batch.input_ids), batch,
                              self.cache.mtp_kv[step % len(self.cache.mtp_kv)], step)[batch.logits_index]
         return list(zip(batch.split_logits(self.model.logits(out)), batch.split_logits(out)))
 
-    def _batch(self, segments: list[Segment]):
-        check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
+    def _batch(self, segments: list[Segment]):  # the segments passed check_segments (every entry point's first step)
         return build_batch(segments, self.cache.max_num_seqs, self.device, self.cache.num_slots, self.cache.block_table)
 
     def run_tokens(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:

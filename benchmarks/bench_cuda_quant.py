@@ -15,7 +15,7 @@ whole 48-layer model in that format (per-layer bytes of the 8 x 36/6 and 12/2, p
 Kernels: the GEMV of each format on Qwen3-Next's weight shapes, bytes of the weight / time against copy bandwidth.
 
 Run: python benchmarks/bench_cuda_quant.py [--formats bf16 fp8 q8_0 q4_k_m] [--nps 1 64] [--no-kernels | --sweep]
-     [--no-model]
+     [--no-model] [--profile] [--i8]
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from triton.testing import do_bench
 
 from bench_cuda import CONFIGS, PREFILL, copy_bandwidth, ours_decode, prefill
 from common import commit
+from profile_cuda_prefill import profiled
 from deltaserve import LLMEngine
 from deltaserve.config import ModelConfig
 from deltaserve.forward_batch import Segment
 from deltaserve.kernels.gpu_quant import PlanarWeight
+from deltaserve.kernels.triton import qgemv_i8 as qi
 from deltaserve.kernels.triton import qlinear as ql
 from deltaserve.layers.linear import set_weight
 from deltaserve.layers.model import HybridModel
@@ -120,7 +122,7 @@ def full_model_bytes(model: HybridModel, cfg: ModelConfig) -> float:
 
 
 @torch.inference_mode()
-def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
+def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int], profile: bool = False) -> dict:
     saved = {name: getattr(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
              for name in matrix_params(model)}
     quantize_model(model, fmt_of(fmt, cfg))
@@ -134,6 +136,11 @@ def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
         roof = decode_bytes(model, cfg, np_, ctx) / bandwidth
         res["decode"].append({"np": np_, "ms": t * 1e3, "roof_ms": roof * 1e3, "ratio": t / roof})
         print(fmt, res["decode"][-1], flush=True)
+        graph = engine.runner.graphs
+        if profile and graph is not None:  # the decode graph's kernels by device time (its last inputs replayed)
+            replay = graph.graphs[graph.size_of[np_]][0].replay
+            print(f"{fmt} np={np_}: kernels of one decode-graph replay", flush=True)
+            print(profiled(replay).table(sort_by="self_device_time_total", row_limit=14), flush=True)
     n, length = PREFILL
     prompts = torch.randint(cfg.vocab_size, (n, length), generator=torch.Generator().manual_seed(2))
     segs = [Segment(p, 0, s) for s, p in enumerate(prompts.tolist())]
@@ -150,28 +157,37 @@ def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int]) -> dict:
 GEMV_SHAPES = [(12352, 2048), (2048, 4096), (2048, 512), (151936, 2048)]
 
 
-# (kind, BN, BK, warps): "gemv" = qgemv_kernel (CUDA cores, per-group dots), "mma" = qgemm_kernel with one
-# row padded to 16 (dequantized tiles on tensor cores); BK 0 = the whole row in one step (K <= 4096)
-GEMV_VARIANTS = [("gemv", 2, 0, 4), ("gemv", 2, 0, 8), ("gemv", 1, 0, 4), ("gemv", 8, 256, 4), ("mma", 64, 64, 4),
-                 ("mma", 32, 128, 4)]
+# (kind, BN, BK, warps): "float" = qgemv_kernel (bf16 x, per-group float dots; BK 0 = the whole row in one step),
+# "i8" = qgemv_i8_kernel (x quantized to int8 beforehand, dp4a; not fp8)
+GEMV_VARIANTS = [("float", 2, 0, 4), ("float", 4, 1024, 4), ("i8", 4, 2048, 4), ("i8", 2, 4096, 4),
+                 ("i8", 8, 1024, 4), ("i8", 8, 2048, 8), ("i8", 16, 512, 4), ("i8", 1, 4096, 2)]
 
 
-def launch_variant(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor, variant: tuple) -> None:
+def launch_variant(x: torch.Tensor, xq: tuple, w: PlanarWeight, out: torch.Tensor, variant: tuple) -> None:
     kind, bn, bk, warps = variant
     seg, (n, k) = w.segments[0], w.shape
+    if kind == "i8":
+        qi.qgemv_i8(xq, seg, out, bn=bn, bk=bk, num_warps=warps)
+        return
     bk = bk or k
     q, s, q2, d, fmt, gs, rb = ql.kernel_args(seg, bk)
-    if kind == "gemv":
-        ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
-                                               num_warps=warps)
-    else:
-        ql.qgemm_kernel[(1, triton.cdiv(n, bn))](x, x.stride(0), q, s, q2, d, out, out.stride(0), 1, n, K=k, FMT=fmt,
-                                                 BM=16, BN=bn, BK=bk, GS=gs, RB=rb, PREC="tf32", num_warps=warps)
+    ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
+                                           num_warps=warps)
+
+
+def qlinear_int8_x(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor) -> None:
+    """qlinear with the int8-x GEMV switched on (x's quantization and the GEMV: two launches)."""
+    ql.I8_GEMV = True
+    try:
+        ql.qlinear(x, w, out)
+    finally:
+        ql.I8_GEMV = False
 
 
 def kernels(bandwidth: float, sweep: bool) -> list[str]:
     """GEMV (one bf16 row) per format and shape: weight bytes / time, against copy bandwidth; the default path
-    (qlinear), or (sweep) every variant of GEMV_VARIANTS, each checked against the default's result. Weights
+    (qlinear), or (sweep) every variant of GEMV_VARIANTS and the x quantization alone; each result is checked
+    against the float product of the dequantized weights (err: relative norm, printed where > 1e-2). Weights
     rotate through copies of > 120 MB in all, so no call finds its weight in L2 (50 MB)."""
     lines = ["| format | N x K | variant | weight MB | us | GB/s | x copy bandwidth |",
              "|---|---|---|---|---|---|---|"]
@@ -181,20 +197,27 @@ def kernels(bandwidth: float, sweep: bool) -> list[str]:
             ws = [w0] + [quantize_planar(torch.randn(n, k, device="cuda"), fmt)
                          for _ in range(min(63, int(120e6 // w0.nbytes)))]
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            want = ql.qlinear(x, w0).float()
+            want = x.float() @ w0.dequantize().T
             out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
             runs = [("qlinear", lambda w: ql.qlinear(x, w, out))]
+            if fmt in qi.I8_FORMATS:
+                runs.append(("qlinear, int8-x GEMV", lambda w: qlinear_int8_x(x, w, out)))
             if sweep:
-                runs += [(v, lambda w, v=v: launch_variant(x, w, out, v)) for v in GEMV_VARIANTS
-                         if v[2] or k <= 4096]
+                xq = qi.quantize_x(x, fmt != "q8_0") if fmt in qi.I8_FORMATS else None
+                runs += [(v, lambda w, v=v: launch_variant(x, xq, w, out, v)) for v in GEMV_VARIANTS
+                         if (v[2] or k <= 4096) and (v[0] == "float" or xq is not None and v[2] <= k)]
+                if xq is not None:
+                    runs.append(("quantize x", lambda w: qi.quantize_x(x, fmt != "q8_0")))
             for name, fn in runs:
+                out.zero_()
                 fn(w0)
-                err = ((out.float() - want).abs().max() / want.abs().max()).item()
+                err = ((out.float() - want).norm() / want.norm()).item()
                 it = iter(range(10 ** 9))
                 t = do_bench(lambda: fn(ws[next(it) % len(ws)]), warmup=25, rep=100, return_mode="median") / 1e3
-                lines.append(f"| {fmt} | {n} x {k} | {name} | {w0.nbytes / 1e6:.1f} | {t * 1e6:.1f} | "
-                             f"{w0.nbytes / t / 1e9:.0f} | {w0.nbytes / t / bandwidth:.2f} |"
-                             + (f" err {err:.1e}" if err > 1e-2 else ""))
+                moved = "- | - |" if name == "quantize x" else \
+                    f"{w0.nbytes / t / 1e9:.0f} | {w0.nbytes / t / bandwidth:.2f} |"
+                lines.append(f"| {fmt} | {n} x {k} | {name} | {w0.nbytes / 1e6:.1f} | {t * 1e6:.1f} | {moved}"
+                             + (f" err {err:.1e}" if err > 1e-2 and name != "quantize x" else ""))
                 print(lines[-1], flush=True)
     return lines
 
@@ -206,6 +229,8 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time every GEMV block variant")
     ap.add_argument("--no-model", action="store_true", help="the kernel table only")
+    ap.add_argument("--profile", action="store_true", help="print each decode graph's kernels by device time")
+    ap.add_argument("--i8", action="store_true", help="q8_0 and q4_k_m also with the int8-x GEMV (qgemv_i8.py)")
     args = ap.parse_args()
     bandwidth = copy_bandwidth()
     head = (f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), torch "
@@ -217,9 +242,13 @@ def main() -> None:
     model, cfg = random_model("qwen3-next-8l")
     results = []
     for fmt in args.formats:
-        results.append(run_format(model, cfg, fmt, bandwidth, args.nps))
-        gc.collect()
-        torch.cuda.empty_cache()
+        for int8_x in [False] + ([True] if args.i8 and fmt in ("q8_0", "q4_k_m") else []):
+            ql.I8_GEMV = int8_x
+            results.append(run_format(model, cfg, fmt, bandwidth, args.nps, args.profile))
+            results[-1]["format"] += " int8-x GEMV" if int8_x else ""
+            gc.collect()
+            torch.cuda.empty_cache()
+    ql.I8_GEMV = False
     total = torch.cuda.get_device_properties(0).total_memory
     lines = [head, "", "| format | np | ms/step | tok/s | roofline ms | x roofline |", "|---|---|---|---|---|---|"]
     for r in results:

@@ -6,6 +6,10 @@
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
+#   i8           the integer (int8 x, dp4a) GEMV tests of tests/cuda/test_quantized.py
+#   sweep        benchmarks/bench_cuda_quant.py --sweep --no-model (issue 16: GEMV variants per format and shape)
+#   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode with and without the int8-x
+#                GEMV, each decode graph's kernels by device time)
 #   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
@@ -36,6 +40,9 @@ for s in "${steps[@]}"; do
   case $s in
     graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
+    i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8_gemv" ;;
+    sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
+    qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile) ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;

@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 from deltaserve import LLMEngine, SamplingParams  # noqa: E402
 from deltaserve.kernels.gpu_quant import PlanarWeight  # noqa: E402
+from deltaserve.kernels.triton import qgemv_i8 as qi  # noqa: E402
+from deltaserve.kernels.triton import qlinear as ql  # noqa: E402
 from deltaserve.kernels.triton.moe import sparse_moe  # noqa: E402
 from deltaserve.kernels.triton.qlinear import qlinear  # noqa: E402
 from deltaserve.layers.linear import set_weight  # noqa: E402
@@ -38,6 +40,26 @@ def test_qlinear_matches_reference(fmt, n, k, t, dtype, check):
     x = torch.randn(t, k, generator=g).cuda().to(dtype)
     ref = x.double() @ w.dequantize().double().T
     check(f"qlinear {fmt} {n}x{k} t{t} {dtype}", qlinear(x, w), ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("asm", [True, False], ids=["dp4a", "byte-products"])
+@pytest.mark.parametrize("n,k", [(40, 512), (2048, 2048), (130, 4096)], ids=str)
+@pytest.mark.parametrize("fmt", qi.I8_FORMATS)
+def test_int8_gemv_matches_rounded_x(fmt, n, k, asm, check, monkeypatch):
+    """One bf16 row on the integer GEMV: float64 products of x as rounded to int8 per 32 (torch reference) and
+    the dequantized weights, exact up to float rounding (the integer sums are exact); and qlinear takes it."""
+    monkeypatch.setattr(qi, "ASM", asm)
+    monkeypatch.setattr(ql, "I8_GEMV", True)
+    g = torch.Generator().manual_seed(n + k)
+    w = quantize_planar(torch.randn(n, k, generator=g).cuda(), fmt, torch.bfloat16)
+    x = (torch.randn(1, k, generator=g) * torch.rand(1, k, generator=g) * 4).cuda().bfloat16()
+    x[0, :32] = 0  # a group of zeros: scale 0
+    ref = qi.rounded_x(x).double() @ w.dequantize().double().T
+    out = torch.empty(1, n, device="cuda")
+    qi.qgemv_i8(qi.quantize_x(x, fmt != "q8_0"), w.segments[0], out)
+    check(f"int8 gemv {fmt} {n}x{k} {'dp4a' if asm else 'bytes'}", out, ref, 1e-6)
+    if asm:  # qlinear's route for this row
+        assert torch.equal(qlinear(x, w), out.bfloat16())
 
 
 def test_qlinear_rows_do_not_depend_on_the_batch():

@@ -16,13 +16,7 @@ import triton.language as tl
 
 from ..gpu_quant import FORMATS, PlanarSegment, PlanarWeight
 from .linear import linear as dense_linear
-
-
-@triton.jit
-def small_int(u):
-    """Integers 0 <= u < 2^23 (any int type) -> float32 exactly, by an OR and a subtraction: the mantissa of
-    2^23 + u (a conversion instruction runs at 1/8 of the FMA rate on Hopper, which a 4-bit GEMV would feel)."""
-    return (u.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+from .qgemv_i8 import qgemv_i8, quantize_x, small_int, takes_i8
 
 
 @triton.jit
@@ -171,6 +165,8 @@ def gemv_blocks(fmt: str, n: int, k: int) -> tuple[int, int]:
 
 
 GEMM_BN, GEMM_BK = 64, 64
+# one bf16/fp16 row against q8_0 / q4_k / q6_k on int8 x and dp4a (qgemv_i8.py); off until a GPU run has checked it
+I8_GEMV = False
 
 
 def qlinear(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,10 +177,16 @@ def qlinear(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor | None = None) -
     t, k = x.shape
     out = torch.empty(t, w.shape[-2], dtype=x.dtype, device=x.device) if out is None else out
     n0 = 0
+    xq = {}  # x quantized for the integer GEMV, per packing order (split: the 4-bit formats')
     for seg in w.segments:
         dst = out[:, n0:n0 + seg.rows]
         if seg.fmt == "plain":
             dst.copy_(dense_linear(x, seg.q))
+        elif I8_GEMV and takes_i8(x, seg):
+            split = seg.fmt != "q8_0"
+            if split not in xq:
+                xq[split] = quantize_x(x, split)
+            qgemv_i8(xq[split], seg, dst)
         else:
             segment_product(x, seg, dst)
         n0 += seg.rows

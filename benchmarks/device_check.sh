@@ -6,7 +6,7 @@
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
-#   i8           the integer (int8 x, dp4a) GEMV tests of tests/cuda/test_quantized.py
+#   i8           the integer (int8 x, dp4a) GEMV and MoE-pair tests of tests/cuda/test_quantized.py
 #   sweep        benchmarks/bench_cuda_quant.py --sweep --no-model (issue 16: GEMV variants per format and shape)
 #   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode with and without the int8-x
 #                GEMV, each decode graph's kernels by device time)
@@ -40,7 +40,7 @@ for s in "${steps[@]}"; do
   case $s in
     graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
-    i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8_gemv" ;;
+    i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8" ;;
     sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
     qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile) ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;

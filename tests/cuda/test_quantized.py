@@ -46,20 +46,42 @@ def test_qlinear_matches_reference(fmt, n, k, t, dtype, check):
 @pytest.mark.parametrize("n,k", [(40, 512), (2048, 2048), (130, 4096)], ids=str)
 @pytest.mark.parametrize("fmt", qi.I8_FORMATS)
 def test_int8_gemv_matches_rounded_x(fmt, n, k, asm, check, monkeypatch):
-    """One bf16 row on the integer GEMV: float64 products of x as rounded to int8 per 32 (torch reference) and
-    the dequantized weights, exact up to float rounding (the integer sums are exact); and qlinear takes it."""
+    """Few bf16 rows on the integer GEMV: float64 products of x as rounded to int8 per 32 (torch reference) and
+    the dequantized weights, exact up to float rounding (the integer sums are exact); a row's result the same
+    alone and among 3 or 8; qlinear takes this route."""
     monkeypatch.setattr(qi, "ASM", asm)
     monkeypatch.setattr(ql, "I8_GEMV", True)
     g = torch.Generator().manual_seed(n + k)
     w = quantize_planar(torch.randn(n, k, generator=g).cuda(), fmt, torch.bfloat16)
-    x = (torch.randn(1, k, generator=g) * torch.rand(1, k, generator=g) * 4).cuda().bfloat16()
+    x = (torch.randn(8, k, generator=g) * torch.rand(8, k, generator=g) * 4).cuda().bfloat16()
     x[0, :32] = 0  # a group of zeros: scale 0
     ref = qi.rounded_x(x).double() @ w.dequantize().double().T
-    out = torch.empty(1, n, device="cuda")
+    out = torch.empty(8, n, device="cuda")
     qi.qgemv_i8(qi.quantize_x(x, fmt != "q8_0"), w.segments[0], out)
     check(f"int8 gemv {fmt} {n}x{k} {'dp4a' if asm else 'bytes'}", out, ref, 1e-6)
-    if asm:  # qlinear's route for this row
-        assert torch.equal(qlinear(x, w), out.bfloat16())
+    for rows in (1, 3):
+        alone = torch.empty(rows, n, device="cuda")
+        qi.qgemv_i8(qi.quantize_x(x[:rows], fmt != "q8_0"), w.segments[0], alone)
+        assert torch.equal(alone, out[:rows])
+    assert torch.equal(qlinear(x, w), out.bfloat16())
+
+
+@pytest.mark.parametrize("fmt", qi.I8_FORMATS)
+def test_moe_pairs_on_int8_x(fmt, check, monkeypatch):
+    """The few-token MoE block on quantized stacks with int8 x: each token the same alone and among 5, and within
+    the error of two activation roundings (tokens, then the SwiGLU rows) of the float path."""
+    e, i, d, s, top = 16, 512, 1024, 512, 4
+    g = torch.Generator().manual_seed(3)
+    q = {n: quantize_planar(torch.randn(*shape, generator=g).cuda() / shape[-1] ** 0.5, fmt, torch.bfloat16)
+         for n, shape in [("gu", (e, 2 * i, d)), ("dn", (e, d, i)), ("sgu", (2 * s, d)), ("sdn", (d, s))]}
+    router, sg = torch.randn(e, d, generator=g).cuda().bfloat16(), torch.randn(1, d, generator=g).cuda().bfloat16()
+    x = torch.randn(5, d, generator=g).cuda().bfloat16()
+    rest = (router, q["gu"], q["dn"], q["sgu"], q["sdn"], sg, top, True)
+    want = torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(5)])
+    monkeypatch.setattr(ql, "I8_GEMV", True)
+    got = sparse_moe(x, *rest)
+    assert torch.equal(got, torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(5)]))
+    check(f"moe pairs int8 x {fmt}", got, want, 3e-2)
 
 
 def test_qlinear_rows_do_not_depend_on_the_batch():

@@ -16,19 +16,38 @@ import triton.language as tl
 from ..gpu_quant import PlanarWeight
 from .linear import gemv_block, gemv_rows, pdl
 from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
+from . import qgemv_i8 as qi
+from . import qlinear as ql
+from .qgemv_i8 import I8_FORMATS, i8_blocks, i8_step, planes_i8, quantize_x
 from .qlinear import block_k, dot_step
+
+
+@triton.jit
+def q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr,
+           GS: tl.constexpr, RB: tl.constexpr, I8: tl.constexpr, ASM: tl.constexpr):
+    """Per-group products of quantized rows with x's row src over columns k0:k0+BK: integer dots on int8 x (I8:
+    qgemv_i8.i8_step, [BN, BK/32]) or float ones (qlinear.dot_step, [BN, BK/GS])."""
+    if I8:
+        out = i8_step(w, qs, q2, qd, x + src * (K // 4), xd + src * (K // 32), xs + src * (K // 16), rows, k0, K,
+                      FMT, BK, ASM)
+    else:
+        out = dot_step(w, qs, q2, qd, x + src * stride_x, rows, k0, K, FMT, BK, GS, RB)
+    return out
 
 
 @triton.jit
 def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, stride_wsn, out, N, P,
                      TOP_K: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
-                     PDL: tl.constexpr, qs, q2, qd, FMT: tl.constexpr = 0, GS: tl.constexpr = 1, RB: tl.constexpr = 1):
+                     PDL: tl.constexpr, qs, q2, qd, FMT: tl.constexpr = 0, GS: tl.constexpr = 1, RB: tl.constexpr = 1,
+                     xd=None, xs=None, I8: tl.constexpr = False, ASM: tl.constexpr = True):
     """Few tokens: one GEMV per (token, expert) pair, no layout. Program (row block, pair p): pairs p < P are
     routed (expert experts[p]); p >= P is the shared expert (weights ws) of token p - P.
     GATED: x = tokens, out[p] = SiLU(x[t] W_gate^T) * (x[t] W_up^T) (W rows [gate (N) | up (N)]);
     else x = those [P + T, K] rows, out[p] = (x[p] W^T) * scale[p] (routed; the shared row is left unscaled).
     PDL: launched early; waits for the previous kernel before reading anything (the expert ids come from it).
-    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); no shared programs then."""
+    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); no shared programs then.
+    I8: x's rows are int8 as qgemv_i8.quantize_x writes them (x = the words, xd, xs) and meet the stack's planes (as
+    qgemv_i8.planes_i8 gives them) in integer dot products."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -53,14 +72,16 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
             b_x = tl.load(x + src * stride_x + o_k).to(tl.float32)[None, :]
             acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED)
         y = gemv_rows(acc, acc_u, GATED)
-    else:  # quantized: per-group dots (qlinear.dot_step) over rows of the stack
+    else:  # quantized: per-group dots over rows of the stack
         rows = e * (2 * N if GATED else N) + tl.minimum(o_n, N - 1)
-        acc = tl.zeros([BN, BK // GS], tl.float32)
-        acc_u = tl.zeros([BN, BK // GS], tl.float32)
-        for k0 in range(0, K, BK):
-            acc += dot_step(w, qs, q2, qd, x + src * stride_x, rows, k0, K, FMT, BK, GS, RB)
+        acc = q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, 0, K, FMT, BK, GS, RB, I8, ASM)
+        acc_u = acc
+        if GATED:
+            acc_u = q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows + N, 0, K, FMT, BK, GS, RB, I8, ASM)
+        for k0 in range(BK, K, BK):
+            acc += q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT, BK, GS, RB, I8, ASM)
             if GATED:
-                acc_u += dot_step(w, qs, q2, qd, x + src * stride_x, rows + N, k0, K, FMT, BK, GS, RB)
+                acc_u += q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows + N, k0, K, FMT, BK, GS, RB, I8, ASM)
         y = tl.sum(acc, axis=1)
         if GATED:
             y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
@@ -129,11 +150,12 @@ def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gat
     weights, experts = route(logits, top_k, norm_topk, None)
     p = t * top_k
     hidden = torch.empty(p + t if fused else p, i, dtype=x.dtype, device=x.device)  # [pairs (+ shared rows), I]
-    _pair_gemv(x, experts, weights, gate_up, shared_gate_up if fused else None, hidden, i, p, top_k, PAIR_BN, bk_in,
-               gated=True)
+    i8 = _takes_i8(x, gate_up, down)
+    _pair_gemv(x, experts, weights, gate_up, shared_gate_up if fused else None, hidden, i, p, top_k, PAIR_BN,
+               i8_blocks(gate_up.fmt, d)[1] if i8 else bk_in, gated=True, int8_x=i8)
     y = torch.empty(p + t, d, dtype=x.dtype, device=x.device)
-    _pair_gemv(hidden, experts, weights, down, shared_down if fused else None, y, d, p, top_k, 2 * PAIR_BN, bk_mid,
-               gated=False)
+    _pair_gemv(hidden, experts, weights, down, shared_down if fused else None, y, d, p, top_k, 2 * PAIR_BN,
+               i8_blocks(down.fmt, i)[1] if i8 else bk_mid, gated=False, int8_x=i8)
     if not fused:  # the shared expert's own products, at its own width (not the experts')
         y[p:] = shared_expert(x, shared_gate_up, shared_down)
     out = torch.empty_like(x)
@@ -146,17 +168,29 @@ def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gat
     return out
 
 
-def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gated: bool):
+def _takes_i8(x: torch.Tensor, gate_up, down) -> bool:
+    """Whether the pairs run on int8 x (qgemv_i8.py): bf16/fp16 tokens, both stacks in a format it computes on."""
+    return ql.I8_GEMV and x.dtype in (torch.bfloat16, torch.float16) and all(
+        isinstance(w, PlanarWeight) and w.fmt in I8_FORMATS and i8_blocks(w.fmt, w.shape[-1])[1] for w in (gate_up, down))
+
+
+def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gated: bool, int8_x: bool = False):
     """out [P + T, n]: rows of the P routed pairs (and, with `shared`, the T shared-expert rows after them). gated:
-    x = the tokens [T, D], SwiGLU of gate/up; else x = [P + T, I], down scaled by the routing weight."""
+    x = the tokens [T, D], SwiGLU of gate/up; else x = [P + T, I], down scaled by the routing weight. int8_x: x's
+    rows quantized first (quantize_x) and the pairs' products integer dots."""
     args = stack_args(stack, bk)
+    xq = None
+    if int8_x:
+        xq = quantize_x(x, stack.fmt != "q8_0")
+        args["w"], args["ws"], args["wq2"], args["wd"] = planes_i8(stack.segments[0])
     grid = (triton.cdiv(n, bn), p + (out.shape[0] - p) * (shared is not None))
     on = pdl(x)
     pair_gemv_kernel[grid](
-        x, x.stride(0), experts, weights, args["w"], args["stride_we"], args["stride_wn"],
+        x if xq is None else xq[0], x.stride(0), experts, weights, args["w"], args["stride_we"], args["stride_wn"],
         shared if shared is not None else args["w"], shared.stride(0) if shared is not None else 0, out, n, p,
         TOP_K=top_k, K=x.shape[1], BN=bn, BK=bk, GATED=gated, PDL=on, qs=args["ws"], q2=args["wq2"], qd=args["wd"],
-        FMT=args["FMT"], GS=args["GS"], RB=args["RB"], num_warps=4, launch_pdl=on)
+        FMT=args["FMT"], GS=args["GS"], RB=args["RB"], xd=None if xq is None else xq[1],
+        xs=None if xq is None else xq[2], I8=int8_x, ASM=qi.ASM, num_warps=4, launch_pdl=on)
 
 
 PAIR_BN = 2  # gate/up: rows of each half per program (down: twice as many rows, of half the length)

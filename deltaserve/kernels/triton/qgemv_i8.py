@@ -1,4 +1,4 @@
-"""One-row products with GGUF-quantized weights (q8_0, q4_k, q6_k) on integer dot products, llama.cpp's MMVQ way:
+"""Few-row products with GGUF-quantized weights (q8_0, q4_k, q6_k) on integer dot products, llama.cpp's MMVQ way:
 x is quantized per 32 values to int8 (scale absmax / 127), and each weight word meets an x word in one `dp4a`
 (4 byte products summed into an int32). A float GEMV (qlinear.dot_step) spends ~14 instructions per 4-bit weight
 unpacking nibbles one by one, more than HBM's pace allows; here a 32-bit word of 8 nibbles takes 3 integer
@@ -8,9 +8,9 @@ Letters: N = output rows, K = inputs, BN/BK = rows per program / columns per ste
 kernels/gpu_quant.py, read as int32 words: q8_0 word i = values 4i..4i+3; q4_k / q6_k word i = values 8i..8i+7
 with the even values in the low nibbles. So x is packed in the matching order: natural (q8_0), or per 8 values
 [x0 x2 x4 x6 | x1 x3 x5 x7] (SPLIT, the 4-bit formats), each packed word beside its nibbles' partner.
-Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV); the result differs from the
-float product by x's rounding to 8 bits, as llama.cpp's does. The integer sums are exact, so a row's result does
-not depend on anything but its own x.
+Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV), up to I8_ROWS of them (decode
+batches), each row in programs of its own; the result differs from the float product by x's rounding to 8 bits,
+as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS.
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def pack4(v):
 
 
 @triton.jit
-def quantize_x_kernel(x, xq, xd, xs, K, BG: tl.constexpr, SPLIT: tl.constexpr):
-    """x [K] -> xq int32 [K / 4] words, xd float32 [G] scales (x ~ q * xd), xs int32 [K / 16] sums of q per 16."""
+def quantize_x_kernel(x, stride_x, xq, xd, xs, K, BG: tl.constexpr, SPLIT: tl.constexpr):
+    """Row r = program_id(1) of x [R, K] -> xq int32 [R, K / 4] words, xd float32 [R, G] scales (x ~ q * xd),
+    xs int32 [R, K / 16] sums of q per 16."""
+    r = tl.program_id(1).to(tl.int64)
+    x, xq, xd, xs = x + r * stride_x, xq + r * (K // 4), xd + r * (K // 32), xs + r * (K // 16)
     o_g = tl.program_id(0) * BG + tl.arange(0, BG)
     m_g = o_g < K // 32
     b_x = tl.load(x + o_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m_g[:, None], other=0.).to(tl.float32)
@@ -107,35 +110,44 @@ def signed(v):
 
 
 @triton.jit
-def qgemv_i8_kernel(xq, xd, xs, qw, s, q2, d, out, N, K: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, ASM: tl.constexpr):
-    """out[n] = W[n] . x for x given as quantize_x_kernel's (xq, xd, xs); K % BK == 0, BK % 256 == 0 (4-bit) or
-    % 32 (q8_0)."""
-    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
-    rows = tl.minimum(o_n, N - 1).to(tl.int64)
+def i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """float32 [BN, BK / 32]: W[rows, k0:k0+BK] . x per group of 32 columns, scales applied; x is one row as
+    quantize_x_kernel writes it (xq, xd, xs at that row); rows [BN] int64 in bounds."""
+    BN: tl.constexpr = rows.shape[0]
     r = rows[:, None]
+    og = (k0 // 32 + tl.arange(0, BK // 32))[None, :]  # [1, BK/32] groups of 32
+    dots = group_dots(qw, q2, xq, rows, k0, K, FMT, BK, ASM)  # [BN, BK/16]
+    x_d = tl.load(xd + og)
+    if FMT == 4:  # q6_k: d * sc * (dot - 32 sum(x)) per 16; the two halves of a 32-group share x's scale
+        o16 = (k0 // 16 + tl.arange(0, BK // 16))[None, :]
+        part = signed(dots - 32 * tl.load(xs + o16)) * signed(tl.load(s + r * (K // 16) + o16).to(tl.int32))
+        return tl.sum(tl.reshape(part, (BN, BK // 32, 2)), axis=2) * \
+            tl.load(d + r * (K // 256) + og // 8).to(tl.float32) * x_d
+    dot = signed(tl.sum(tl.reshape(dots, (BN, BK // 32, 2)), axis=2))  # [BN, BK/32]
+    if FMT == 2:  # q8_0: s float16 [N, G]
+        return dot * tl.load(s + r * (K // 32) + og).to(tl.float32) * x_d
+    # q4_k: d * sc * dot - dmin * m * sum(x)
+    x_sum = signed(tl.sum(tl.reshape(tl.load(xs + k0 // 16 + tl.arange(0, BK // 16)), (BK // 32, 2)), axis=1))
+    p_s = s + (r * (K // 32) + og) * 2
+    p_d = d + (r * (K // 256) + og // 8) * 2
+    return (tl.load(p_d).to(tl.float32) * small_int(tl.load(p_s)) * dot -
+            tl.load(p_d + 1).to(tl.float32) * small_int(tl.load(p_s + 1)) * x_sum[None, :]) * x_d
+
+
+@triton.jit
+def qgemv_i8_kernel(xq, xd, xs, qw, s, q2, d, out, stride_o, N, K: tl.constexpr, FMT: tl.constexpr,
+                    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """out[t, n] = W[n] . x[t] for rows x given as quantize_x_kernel's (xq, xd, xs); program (t, row block): a row's
+    programs are the same at any T, and the T programs of a row block run side by side (W's rows from L2 after the
+    first). K % BK == 0, BK % 256 == 0 (4-bit) or % 32 (q8_0)."""
+    t = tl.program_id(0).to(tl.int64)
+    xq, xd, xs = xq + t * (K // 4), xd + t * (K // 32), xs + t * (K // 16)
+    o_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows = tl.minimum(o_n, N - 1).to(tl.int64)
     acc = tl.zeros([BN, BK // 32], tl.float32)
     for k0 in range(0, K, BK):
-        og = (k0 // 32 + tl.arange(0, BK // 32))[None, :]  # [1, BK/32] groups of 32
-        dots = group_dots(qw, q2, xq, rows, k0, K, FMT, BK, ASM)  # [BN, BK/16]
-        x_d = tl.load(xd + og)
-        if FMT == 4:  # q6_k: d * sc * (dot - 32 sum(x)) per 16; the two halves of a 32-group share x's scale
-            o16 = (k0 // 16 + tl.arange(0, BK // 16))[None, :]
-            part = signed(dots - 32 * tl.load(xs + o16)) * signed(tl.load(s + r * (K // 16) + o16).to(tl.int32))
-            acc += tl.sum(tl.reshape(part, (BN, BK // 32, 2)), axis=2) * \
-                tl.load(d + r * (K // 256) + og // 8).to(tl.float32) * x_d
-        else:
-            dot = signed(tl.sum(tl.reshape(dots, (BN, BK // 32, 2)), axis=2))  # [BN, BK/32]
-            if FMT == 2:  # q8_0: s float16 [N, G]
-                acc += dot * tl.load(s + r * (K // 32) + og).to(tl.float32) * x_d
-            else:  # q4_k: d * sc * dot - dmin * m * sum(x)
-                x_sum = signed(tl.sum(tl.reshape(tl.load(xs + k0 // 16 + tl.arange(0, BK // 16)), (BK // 32, 2)),
-                                      axis=1))[None, :]
-                p_s = s + (r * (K // 32) + og) * 2
-                p_d = d + (r * (K // 256) + og // 8) * 2
-                acc += (tl.load(p_d).to(tl.float32) * small_int(tl.load(p_s)) * dot -
-                        tl.load(p_d + 1).to(tl.float32) * small_int(tl.load(p_s + 1)) * x_sum) * x_d
-    tl.store(out + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
+        acc += i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT, BK, ASM)
+    tl.store(out + t * stride_o + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
 
 
 I8_BN, I8_BK = 4, 2048  # rows per program, columns per step (bench_cuda_quant.py --sweep)
@@ -156,29 +168,39 @@ def rounded_x(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_x(x: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [1, K] (K % 32 == 0) -> (xq int32 [K/4], xd float32 [K/32], xs int32 [K/16]) as the kernel reads them."""
-    k = x.shape[-1]
-    xq = torch.empty(k // 4, dtype=torch.int32, device=x.device)
-    xd = torch.empty(k // 32, dtype=torch.float32, device=x.device)
-    xs = torch.empty(k // 16, dtype=torch.int32, device=x.device)
-    quantize_x_kernel[(triton.cdiv(k // 32, 16),)](x, xq, xd, xs, k, BG=16, SPLIT=split, num_warps=2)
+    """x [R, K] (K % 32 == 0, unit column stride) -> (xq int32 [R, K/4], xd float32 [R, K/32], xs int32 [R, K/16])
+    as the kernels read them."""
+    r, k = x.shape
+    xq = torch.empty(r, k // 4, dtype=torch.int32, device=x.device)
+    xd = torch.empty(r, k // 32, dtype=torch.float32, device=x.device)
+    xs = torch.empty(r, k // 16, dtype=torch.int32, device=x.device)
+    quantize_x_kernel[(triton.cdiv(k // 32, 16), r)](x, x.stride(0), xq, xd, xs, k, BG=16, SPLIT=split, num_warps=2)
     return xq, xd, xs
 
 
+def planes_i8(seg: PlanarSegment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes as int32 words, group scales, q6_k's high bits as int16 words, super-block scales) of a segment, planes
+    a format lacks passed as the scales."""
+    return (seg.q.view(torch.int32), seg.s, seg.q2.view(torch.int16) if seg.q2 is not None else seg.s,
+            seg.d if seg.d is not None else seg.s)
+
+
+I8_ROWS = 8  # up to this many rows (decode batches) take the integer GEMV, each row by itself; more: the GEMM
+
+
 def takes_i8(x: torch.Tensor, seg: PlanarSegment) -> bool:
-    """Whether the one-row product of x and seg takes this path: bf16/fp16 x, a GGUF format, K in whole blocks."""
-    return x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and seg.fmt in I8_FORMATS and \
+    """Whether the product of x and seg takes this path: up to I8_ROWS bf16/fp16 rows, a GGUF format, K in whole
+    blocks."""
+    return x.shape[0] <= I8_ROWS and x.dtype in (torch.bfloat16, torch.float16) and seg.fmt in I8_FORMATS and \
         i8_blocks(seg.fmt, x.shape[1])[1] > 0
 
 
 def qgemv_i8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seg: PlanarSegment, out: torch.Tensor,
              bn: int = I8_BN, bk: int = I8_BK, num_warps: int = 4) -> None:
-    """out [1, rows] = x @ seg^T for x quantized by quantize_x (split order for the 4-bit formats)."""
-    k = xq[0].shape[0] * 4
+    """out [T, rows] (rows contiguous, any row stride) = x @ seg^T for rows x quantized by quantize_x (split order for
+    the 4-bit formats)."""
+    t, k = xq[0].shape[0], xq[0].shape[1] * 4
     n = seg.rows
     bn, bk = i8_blocks(seg.fmt, k, bn, bk)
-    fmt = FORMATS.index(seg.fmt)
-    q2 = seg.q2.view(torch.int16) if seg.q2 is not None else seg.q
-    qgemv_i8_kernel[(triton.cdiv(n, bn),)](*xq, seg.q.view(torch.int32), seg.s, q2, seg.d if seg.d is not None
-                                           else seg.s, out, n, K=k, FMT=fmt, BN=bn, BK=bk, ASM=ASM,
-                                           num_warps=num_warps)
+    qgemv_i8_kernel[(t, triton.cdiv(n, bn))](*xq, *planes_i8(seg), out, out.stride(0), n, K=k,
+                                             FMT=FORMATS.index(seg.fmt), BN=bn, BK=bk, ASM=ASM, num_warps=num_warps)

@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="max_num_batched_tokens (default: the engine's)")
     ap.add_argument("--more-budgets", type=int, nargs="*", default=[2048],
                     help="64 x 128 and 1 x 4096 again at these budgets")
-    ap.add_argument("--profile", action="store_true", help="print the profiler's op table of one 1 x 128 prefill")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the profiler's op tables: one 1 x 128 prefill (host), 1 x 4096 and 64 x 128 (device)")
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
     hf, ours, cfg = build(*CONFIG)
@@ -169,6 +170,10 @@ def main() -> None:
         stats = cProfile.Profile()
         stats.runcall(first_token)
         pstats.Stats(stats).sort_stats("tottime").print_stats(25)
+        for name, fn in (("one 1 x 4096 prefill", lambda: ttft(engine, prompts(1, 4096, v, 8)[0], f"p{next(tags)}")),
+                         ("one 64 x 128 batch", lambda: batch_time(engine, prompts(64, 128, v, 8), f"p{next(tags)}"))):
+            print(f"{name}, kernels by device time:")
+            print(profile(fn, sort="self_device_time_total", rows=20))
         print("10 decode steps of one sequence (LLMEngine.step, graphs), by device time:")
         print(profile(decode_steps(engine, v), sort="device_time_total", rows=30))
 

@@ -1,5 +1,7 @@
 """Sampling cost per step: the device sampler (`sampling.sampler.sample`) against the per-row host path it
-replaced (each sampled row copied to the CPU, filtered with a full sort for top-p, torch.multinomial).
+replaced (each sampled row copied to the CPU, filtered with a full sort for top-p, torch.multinomial). On the CPU
+the sampler's passes over whole rows run as torch ops or as the C++ kernels (sampler.NativeRows, the default):
+both are timed.
 
 Rows of random logits (N(0, 3^2), like a peaky LM head) at Qwen3-Next's and Qwen3.5's vocabularies; B sampled
 rows per step; median of 5 after a warm-up. Both paths draw from per-request CPU generators.
@@ -17,6 +19,7 @@ import torch
 
 from common import commit, machine
 from deltaserve.sampling.params import SamplingParams
+from deltaserve.sampling import sampler
 from deltaserve.sampling.sampler import filter_logits, sample
 
 PARAMS = {"temperature 0.7": SamplingParams(temperature=0.7),
@@ -52,10 +55,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    takes = sampler.NativeRows.takes
     lines = [f"{machine()}, commit {commit()}, {datetime.date.today()}"
              + (f", {torch.cuda.get_device_name()}" if "cuda" in args.device else ""), "",
-             "| device | vocab | rows | params | host path ms/step | device sampler ms/step | speedup |",
-             "|---|---|---|---|---|---|---|"]
+             "| device | vocab | rows | params | host path ms/step | device sampler ms/step | speedup | "
+             "CPU: torch row passes ms/step | CPU: C++ / torch |", "|---|---|---|---|---|---|---|---|---|"]
     for device in args.device:
         for vocab in (151936, 248320):
             for rows in (1, 16, 64):
@@ -63,8 +67,14 @@ def main() -> None:
                 for name, p in PARAMS.items():
                     old = step_time(host_rows, logits, [p] * rows, device)
                     new = step_time(sample, logits, [p] * rows, device)
+                    cells = "- | - |"
+                    if device == "cpu" and sampler.NativeRows.takes(logits):
+                        sampler.NativeRows.takes = staticmethod(lambda logits: False)
+                        in_torch = step_time(sample, logits, [p] * rows, device)
+                        sampler.NativeRows.takes = takes
+                        cells = f"{in_torch * 1e3:.2f} | {new / in_torch:.2f} |"
                     lines.append(f"| {device} | {vocab} | {rows} | {name} | {old * 1e3:.2f} | {new * 1e3:.2f} | "
-                                 f"{old / new:.1f}x |")
+                                 f"{old / new:.1f}x | {cells}")
                     print(lines[-1], flush=True)
     print("\n".join(lines))
 

@@ -12,7 +12,16 @@ from deltaserve.sampling.params import SamplingParams
 from deltaserve.sampling.sampler import draw_rows, filter_logits, sample, stage
 
 N = 4000
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ROUTES = ["cpu-native", "cpu-torch"] + (["cuda"] if torch.cuda.is_available() else [])  # where the row passes run
+
+
+def on(route: str, monkeypatch) -> str:
+    """The device of a route; cpu-torch keeps CPU rows off the C++ kernels (sampler.NativeRows)."""
+    if route == "cpu-torch":
+        monkeypatch.setattr(sampler.NativeRows, "takes", staticmethod(lambda logits: False))
+    elif route == "cpu-native":
+        assert sampler.NativeRows.takes(torch.zeros(1, 2)), "the CPU kernels were not built"
+    return route.split("-")[0]
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
@@ -29,11 +38,12 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("vocab,candidates", [(50, 1024), (3000, 1024), (3000, 16)])
 @pytest.mark.parametrize("p", PARAMS, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}")
-def test_draw_inverts_the_filtered_distribution(monkeypatch, vocab, candidates, p, device):
+def test_draw_inverts_the_filtered_distribution(monkeypatch, vocab, candidates, p, route):
     """candidates 16 at vocab 3000: top-p's nucleus is wider than the candidates, so the full sort runs."""
+    device = on(route, monkeypatch)
     monkeypatch.setattr(sampler, "CANDIDATES", candidates)
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(vocab)) * 2
     u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
@@ -45,9 +55,11 @@ def test_draw_inverts_the_filtered_distribution(monkeypatch, vocab, candidates, 
     assert (counts - N * probs).abs().max() <= 1.0 + 1e-6
 
 
-def test_rows_depend_only_on_their_generator(monkeypatch):
+@pytest.mark.parametrize("route", ["cpu-native", "cpu-torch"])
+def test_rows_depend_only_on_their_generator(monkeypatch, route):
     """A row's token is the same alone or among other rows (greedy and sampled, different filters, some rows
     with a nucleus wider than the candidates and some without)."""
+    on(route, monkeypatch)
     monkeypatch.setattr(sampler, "CANDIDATES", 16)
     vocab = 500
     scale = torch.tensor([0.2, 8.0, 0.2, 8.0, 0.5, 3.0])[:, None]
@@ -61,8 +73,10 @@ def test_rows_depend_only_on_their_generator(monkeypatch):
     assert together[5] == int(logits[5].argmax())
 
 
-def test_extreme_uniforms_never_pick_a_removed_token():
+@pytest.mark.parametrize("route", ["cpu-native", "cpu-torch"])
+def test_extreme_uniforms_never_pick_a_removed_token(monkeypatch, route):
     """u = 0 and u just below 1 (u * total rounds up to the total in float32) land on kept tokens."""
+    on(route, monkeypatch)
     logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(4))
     params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.5)]
     for u in (0.0, 1.0 - 2.0 ** -53):
@@ -71,14 +85,15 @@ def test_extreme_uniforms_never_pick_a_removed_token():
             assert filter_logits(row, p)[tok] > float("-inf"), (u, p)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("p", [SamplingParams(temperature=1.0, top_k=7), SamplingParams(temperature=0.5, top_p=0.3),
                                SamplingParams(temperature=1.0, top_k=30, top_p=0.5)],
                          ids=lambda p: f"k{p.top_k}-p{p.top_p}")
-def test_ties_keep_a_row_independent_of_its_batch(monkeypatch, device, p):
+def test_ties_keep_a_row_independent_of_its_batch(monkeypatch, route, p):
     """Logits with many exact ties (as bf16 logits have): the kept set is whole runs of equal logits and the
     CDF runs in vocabulary order, so a row's token is the same alone, beside rows that rank more candidates,
     and with a candidate count its nucleus outgrows; its draws follow filter_logits exactly."""
+    device = on(route, monkeypatch)
     vocab = 400
     row = torch.randint(0, 6, (vocab,), generator=torch.Generator().manual_seed(5)).float() * 0.5
     u = (torch.arange(N, dtype=torch.float64) + 0.5) / N
@@ -94,3 +109,29 @@ def test_ties_keep_a_row_independent_of_its_batch(monkeypatch, device, p):
     probs = filter_logits(row, p).softmax(-1).double()
     assert torch.all(counts[probs == 0] == 0)
     assert (counts - N * probs).abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("vocab", [50, 3000, 151936])
+def test_native_row_passes_match_torch(vocab):
+    """The C++ passes (kernels/csrc/sample.h) against torch on the same rows: the top values bit for bit (ties
+    included: bf16-rounded logits), the kept mass to float rounding, and each drawn token's CDF interval (float64,
+    torch weights) holding u * total up to float32 rounding."""
+    if not sampler.NativeRows.takes(torch.zeros(1, 2)):
+        pytest.skip("the CPU kernels were not built")
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(3, vocab, generator=g) * 3).bfloat16().float()
+    t = torch.tensor([0.7, 1.0, 1.6])
+    native, ref = sampler.NativeRows(logits, t), sampler.TorchRows(logits, t)
+    for width in sorted({1, 7, min(300, vocab), vocab}):
+        assert torch.equal(native.top_values(width), ref.top_values(width))
+    floor = torch.stack([ref.x[0].min(), ref.x[1].median(), ref.top_values(5)[2, -1]])
+    want = (ref.weights.double() * (ref.x >= floor[:, None])).sum(-1)
+    assert torch.allclose(native.mass(floor).double(), want, rtol=1e-5)
+    weights = (ref.weights * (ref.x >= floor[:, None])).double()
+    cdf = weights.cumsum(-1)
+    for u in torch.linspace(0, 1 - 1e-9, 101, dtype=torch.float64):
+        tokens = native.invert(floor, torch.full((3,), float(u), dtype=torch.float64))
+        for r, tok in enumerate(tokens.tolist()):
+            total, hi = cdf[r, -1], cdf[r, tok]
+            assert weights[r, tok] > 0
+            assert hi - weights[r, tok] - 1e-5 * total <= u * total <= hi + 1e-5 * total

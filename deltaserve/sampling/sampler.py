@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import cpu_native
 from ..transfer import on_device
 from .params import SamplingParams
 
@@ -86,6 +87,8 @@ def sampled_rows(params: list[SamplingParams], generators: list[torch.Generator]
 
 def pick(logits: torch.Tensor, sampled: SampledRows | None, argmax: torch.Tensor | None = None) -> torch.Tensor:
     """Token ids [B] on the logits' device: argmax ([B], computed unless given), sampled rows drawn over it."""
+    if sampled is not None and len(sampled.rows) == len(logits):  # every row sampled (rows ascending): no argmax,
+        return draw_rows(logits.float(), sampled)  # no gathered copy of the rows
     tokens = logits.argmax(-1) if argmax is None else argmax.clone()
     if sampled is not None:
         tokens[sampled.rows] = draw_rows(logits[sampled.rows].float(), sampled)
@@ -98,25 +101,76 @@ def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:
     A row's token depends only on its own logits, parameters and uniform: top-k / top-p keep every token at
     or above a per-row logit floor (decided by value, ties together), and the CDF runs in vocabulary order,
     so neither the other rows nor how many candidates were ranked can change it."""
-    x = logits / s.temperature[:, None]
-    top = x.amax(-1)
-    weights = (x - top[:, None]).exp()  # [R, V] unnormalised probabilities
+    rows = NativeRows(logits, s.temperature) if NativeRows.takes(logits) else TorchRows(logits, s.temperature)
+    floor = torch.full_like(s.temperature, float("-inf"))  # -inf: every token stays
     if s.width:
-        weights = weights * (x >= _floor(x, weights, top, s.top_k, s.top_p, s.width, s.nucleus_rows)[:, None])
-    return _invert(weights, s.u)
+        floor = _floor(rows, s.top_k, s.top_p, s.width, s.nucleus_rows)
+    return rows.invert(floor, s.u)
 
 
-def _floor(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           width: int, nucleus_rows: bool) -> torch.Tensor:
-    """The lowest logit each row keeps under its top-k and top-p (x [R, V] -> [R]; -inf keeps all), from its
-    `width` highest logits; weights = exp(x - top), top = the row maxima. nucleus_rows: some row has top-p
+class TorchRows:
+    """The passes over whole rows [R, V] that the sampler needs, in torch ops (any device): x = logits / T."""
+
+    def __init__(self, logits: torch.Tensor, temperature: torch.Tensor):
+        self.x = logits / temperature[:, None]
+        self.vocab = logits.shape[-1]
+        self.top = self.x.amax(-1)  # [R]
+        self.weights = (self.x - self.top[:, None]).exp()  # [R, V] unnormalised probabilities
+
+    def top_values(self, width: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[R, width] the width largest x of each row (of `rows` only), descending."""
+        return (self.x if rows is None else self.x[rows]).topk(width).values
+
+    def mass(self, floor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[R] sum of exp(x - top) over x >= floor (rows: only these, floor theirs)."""
+        x, w = (self.x, self.weights) if rows is None else (self.x[rows], self.weights[rows])
+        return (w * (x >= floor[:, None])).sum(-1)
+
+    def invert(self, floor: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """[R] the token whose CDF interval (weights of x >= floor, vocabulary order) holds u * total."""
+        return _invert(self.weights * (self.x >= floor[:, None]), u)
+
+
+class NativeRows:
+    """The same passes by the C++ kernels on CPU logits (kernels/csrc/sample.h): x computed on the fly, no [R, V]
+    temporaries (each would be a fresh allocation that page-faults in: 3 ms per [8, 151936] torch pass here)."""
+
+    @staticmethod
+    def takes(logits: torch.Tensor) -> bool:
+        return logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_native.ops() is not None
+
+    def __init__(self, logits: torch.Tensor, temperature: torch.Tensor):
+        self.ops, self.logits, self.t = cpu_native.ops(), logits.contiguous(), temperature.contiguous()
+        self.vocab = logits.shape[-1]
+        self.top = None  # from top_values: only the floor needs it
+
+    def top_values(self, width: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits, t = (self.logits, self.t) if rows is None else (self.logits[rows], self.t[rows])
+        vals = self.ops.sample_top(logits, t, width)
+        if rows is None:
+            self.top = vals[:, 0]
+        return vals
+
+    def mass(self, floor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        logits, t, top = (self.logits, self.t, self.top) if rows is None else \
+            (self.logits[rows], self.t[rows], self.top[rows])
+        return self.ops.sample_mass(logits, t, top.contiguous(), floor.contiguous())
+
+    def invert(self, floor: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.ops.sample_invert(self.logits, self.t, floor.contiguous(), u.contiguous())
+
+
+def _floor(rows, top_k: torch.Tensor, top_p: torch.Tensor, width: int, nucleus_rows: bool,
+           which: torch.Tensor | None = None) -> torch.Tensor:
+    """The lowest logit each row keeps under its top-k and top-p ([R]; -inf keeps all), from its `width` highest
+    (rows: TorchRows or NativeRows; which: only these rows, top_k / top_p theirs). nucleus_rows: some row has top-p
     without top-k (it may need every token ranked)."""
-    vocab = x.shape[-1]
-    vals = x.topk(width).values  # [R, W] descending
+    vals = rows.top_values(width, which)  # [R, W] descending
+    vocab = rows.vocab
     kth = vals.gather(1, (top_k.clamp(max=width) - 1)[:, None]).squeeze(1)
     floor = torch.where(top_k < vocab, kth, float("-inf"))  # top-k: every token at least as high as the k-th
     # top-p's probabilities are over the tokens top-k keeps (the whole row without top-k)
-    lse = top + (weights * (x >= floor[:, None])).sum(-1).log()
+    lse = vals[:, 0] + rows.mass(floor, which).log()
     probs = (vals - lse[:, None]).exp() * (vals >= floor[:, None])
     kept = nucleus(vals, probs, top_p).sum(-1)  # a prefix of at least one token
     lowest = vals.gather(1, (kept - 1)[:, None]).squeeze(1)
@@ -124,7 +178,8 @@ def _floor(x: torch.Tensor, weights: torch.Tensor, top: torch.Tensor, top_k: tor
     if nucleus_rows and width < vocab:  # rows whose nucleus is wider than the candidates: again over the whole row
         short = ((probs.sum(-1) < top_p) & (top_k == vocab) & (top_p < 1)).nonzero().squeeze(1)
         if len(short):
-            floor[short] = _floor(x[short], weights[short], top[short], top_k[short], top_p[short], vocab, False)
+            again = short if which is None else which[short]
+            floor[short] = _floor(rows, top_k[short], top_p[short], vocab, False, again)
     return floor
 
 

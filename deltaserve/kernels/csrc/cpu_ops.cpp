@@ -1,6 +1,7 @@
 // CPU kernels bound into one module: weights packed from the file's own formats (packed.h) and the products on
 // them for any number of rows (qlinear.h), the MoE block (moe.h), the GDN decode step (gdn.h), the attention
-// decode step (attention.h), norms (norm.h), and a layer's whole mixer block for decode steps (blocks.h).
+// decode step (attention.h), norms (norm.h), a layer's whole mixer block for decode steps (blocks.h), and the
+// sampler's passes over logits rows (sample.h).
 //
 // Why: at decode sizes a step is bound by streaming weights and recurrent states from memory, and the torch
 // route pays ~25 small ops per GDN layer and a Python loop over experts. Here each weight row and each state
@@ -17,6 +18,7 @@
 #include "norm.h"
 #include "packed.h"
 #include "qlinear.h"
+#include "sample.h"
 
 // The ISA the kernels were compiled for (what cpu_native.py chose from the CPU's flags).
 static std::string isa() {
@@ -74,4 +76,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_decode", &attention_decode);
   m.def("gdn_block", &gdn_block);
   m.def("attention_block", &attention_block);
+  m.def("sample_top", &sample_top);
+  m.def("sample_mass", &sample_mass);
+  m.def("sample_invert", &sample_invert);
 }

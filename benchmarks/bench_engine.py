@@ -4,6 +4,7 @@
    loop over the same model code (ModelRunner + argmax), alternated A/B to share machine noise.
 2. Aggregate decode tokens/s at np = 1, 4, 16.
 3. Two busy slots: {0, 1} against {0, 2} (llama.cpp slowed 4x when busy slots were not consecutive).
+4. Sampled decode (temperature; top-k + top-p) against greedy at np = 1 and 8: what sampling adds to a step.
 
 Run: python benchmarks/bench_engine.py [--tokens 32] [--rounds 3]
 """
@@ -24,10 +25,14 @@ from deltaserve.forward_batch import Segment
 PROMPT = list(range(100, 228))  # 128 tokens
 
 
-def engine_decode(engine: LLMEngine, np_: int, tokens: int) -> float:
-    """Aggregate decode tokens/s of np sequences (prefill excluded)."""
-    params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
+SAMPLED = {"greedy": dict(temperature=0), "temperature 0.7": dict(temperature=0.7),
+           "top-k 20, top-p 0.8": dict(temperature=0.7, top_k=20, top_p=0.8)}
+
+
+def engine_decode(engine: LLMEngine, np_: int, tokens: int, kind: str = "greedy") -> float:
+    """Aggregate decode tokens/s of np sequences (prefill excluded), sampled as SAMPLED[kind] says."""
     for i in range(np_):
+        params = SamplingParams(max_tokens=tokens + 1, ignore_eos=True, seed=i, **SAMPLED[kind])
         engine.add_request(f"r{i}", PROMPT[i:] + PROMPT[:i], params)
     while any(s.in_prefill or not s.output_ids for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()  # prefill, and the first token
@@ -113,6 +118,14 @@ def main() -> None:
     for name, vals in rows.items():
         print(f"| {name} | {statistics.median(vals):.2f} |")
     print(f"| {{0, 2}} / {{0, 1}} | {statistics.median(rows['{0, 2}']) / statistics.median(rows['{0, 1}']):.3f} |")
+
+    print("\n| np | sampling | aggregate decode t/s (median of %d) | / greedy |" % args.rounds)
+    print("|---|---|---|---|")
+    for np_ in (1, 8):
+        tps = {kind: statistics.median(engine_decode(engine, np_, args.tokens, kind) for _ in range(args.rounds))
+               for kind in SAMPLED}
+        for kind, v in tps.items():
+            print(f"| {np_} | {kind} | {v:.2f} | {v / tps['greedy']:.3f} |")
 
 
 if __name__ == "__main__":

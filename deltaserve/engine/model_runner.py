@@ -17,27 +17,34 @@ from .step_tokens import StepTokens
 
 
 LARGE_STEP = 1024  # tokens
+LARGE_LOGITS = 2 << 20  # bytes of a step's float32 logits (4 rows of a 151936 vocabulary: 2.4 MB)
 
 
 class ModelRunner:
     def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device, prefill_graphs: bool = False):
         self.model, self.cache, self.device = model, cache, device
         packed = device.type == "cpu" and pack_for_cpu(model)  # weights repacked for the native kernels (issue 15)
-        # from the first step this long on, freed memory is kept for reuse: such a step's activations (tens of MB)
-        # would page-fault in afresh every step, and a short-prompt run keeps its smaller resident size
-        self.keep_memory_from = LARGE_STEP if packed else None
+        # from the first step with this many tokens or logits on, freed memory is kept for reuse: such a step's
+        # activations (tens of MB) or logits would page-fault in afresh every step (2 ms of a 9.5 ms step of 8
+        # sequences at vocabulary 151936, benchmarks/RESULTS.md); one-sequence runs keep their smaller resident size
+        self.keep_memory = packed
         cuda = device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache, device) if cuda else None  # decode steps
         self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda and prefill_graphs else None  # prompt chunks
+
+    def _keep_memory_if_large(self, segments: list[Segment]) -> None:
+        """At the first large step (see __init__), has glibc keep freed memory (cpu_native.keep_freed_memory)."""
+        if self.keep_memory and (sum(len(s.token_ids) for s in segments) >= LARGE_STEP or
+                                 sum(s.num_logits for s in segments) * self.model.cfg.vocab_size * 4 >= LARGE_LOGITS):
+            cpu_native.keep_freed_memory()
+            self.keep_memory = False
 
     @torch.inference_mode()
     def run(self, segments: list[Segment], keep_hidden: bool = False):
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
         and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
         check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
-        if self.keep_memory_from is not None and sum(len(s.token_ids) for s in segments) >= self.keep_memory_from:
-            cpu_native.keep_freed_memory()
-            self.keep_memory_from = None
+        self._keep_memory_if_large(segments)
         if not keep_hidden:
             for graphs in (self.graphs, self.prefill_graphs):
                 if graphs is not None and (logits := graphs.run(segments)) is not None:
@@ -60,6 +67,7 @@ class ModelRunner:
             return tokens
         if any(len(s.token_ids) != 1 or s.snapshot_slots for s in segments):
             raise BatchError("launch_decode takes single-token segments only")
+        self._keep_memory_if_large(segments)
         batch = self._batch(segments)  # single-token segments keep their order: row i is segment i
         if prev is not None:
             batch.input_ids.copy_(prev.device)

@@ -5,6 +5,7 @@
 #   bash benchmarks/device_check.sh [graphs kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
+#                and the add + norm + SwiGLU GEMV's
 #   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
 #   i8           the integer (int8 x, dp4a) GEMV and MoE-pair tests of tests/cuda/test_quantized.py
 #   sweep        benchmarks/bench_cuda_quant.py --sweep --no-model (issue 16: GEMV variants per format and shape)
@@ -15,6 +16,7 @@
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
 #   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
+#   decode-fused the same with the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE on)
 #   quant-bench  benchmarks/bench_cuda_quant.py (issue 16: decode vs roofline per format, GEMV bandwidth)
 #   prefix       benchmarks/bench_prefix_cache.py --device cuda --dtype float32 --turns 8 --rounds 2 (issue 18)
 set -uo pipefail
@@ -38,7 +40,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(graphs kernels quant engine ttft decode quant-bench prefix)
 for s in "${steps[@]}"; do
   case $s in
-    graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph" ;;
+    graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph or add_norm_swiglu" ;;
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
     i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8" ;;
     sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
@@ -48,6 +50,11 @@ for s in "${steps[@]}"; do
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
+    decode-fused) (cd benchmarks && step decode-fused 400 python3 -c "import runpy, sys
+import deltaserve.kernels.triton.linear as linear
+linear.ADD_NORM_PROLOGUE = True
+sys.argv = ['bench_cuda.py', '--configs', 'qwen3.5-0.8b', '--nps', '1', '64', '--no-hf']
+runpy.run_path('bench_cuda.py', run_name='__main__')") ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
     prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \
                --rounds 2) ;;

@@ -17,7 +17,7 @@ from .gpu_quant import PlanarWeight
 from .quantized import QuantizedWeight, quantized_linear
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
+__all__ = ["add_norm_swiglu", "add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
            "gated_attention_verify", "gated_delta_net", "gated_delta_net_decode", "gated_delta_net_verify", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
            "linear", "norm_rotary", "rms_norm", "mix_by_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
            "swiglu_gemv"]
@@ -209,6 +209,16 @@ def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
         return None
     from .triton.linear import swiglu_gemv as cuda_swiglu_gemv
     return cuda_swiglu_gemv(x, gate_up)
+
+
+def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm, gate_up) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The residual add, the RMSNorm after it and a dense MLP's SwiGLU half for one row: (x + y, SiLU(h Wg^T) *
+    (h Wu^T)) with h = norm(x + y), in one launch (CUDA GEMV, bf16/fp16, no autograd); None elsewhere (then:
+    add_rms_norm and swiglu_gemv). x, y [1, D]; norm an RMSNorm; gate_up [2I, D] rows [gate | up]."""
+    if not x.is_cuda or torch.is_grad_enabled() or not isinstance(gate_up, torch.Tensor):
+        return None
+    from .triton.linear import add_norm_swiglu as cuda_add_norm_swiglu
+    return cuda_add_norm_swiglu(x, y, norm.weight, norm.eps, gate_up)
 
 
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,12 @@ class DecoderLayer(nn.Module):
             if (fused := kernels.decoder_layer_decode(x, residual, self, layer_cache, batch)) is not None:
                 return fused
         stream, h = (x, self.input_norm(x)) if residual is None else kernels.add_rms_norm(residual, x, self.input_norm)
-        stream, h = kernels.add_rms_norm(stream, self._summed(self.mixer(h, batch, layer_cache)), self.post_norm)
+        mixed = self._summed(self.mixer(h, batch, layer_cache))
+        if isinstance(self.ffn, MLP) and (fused := kernels.add_norm_swiglu(stream, mixed, self.post_norm,
+                                                                           self.ffn.gate_up.weight)) is not None:
+            stream, h = fused  # CUDA, one row: the add + norm in the SwiGLU GEMV's launch
+            return self._summed(self.ffn.down(h)), stream
+        stream, h = kernels.add_rms_norm(stream, mixed, self.post_norm)
         return self._summed(self.ffn(h)), stream
 
     def _summed(self, partial: torch.Tensor) -> torch.Tensor:

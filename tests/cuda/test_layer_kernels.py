@@ -260,6 +260,26 @@ def test_swiglu_gemv_matches_float64(i, k, check):
         check(f"mlp one row i{i} k{k} bfloat16", c_mlp(xc), ref_mlp(x.double()), TOL[bf16])
 
 
+@pytest.mark.parametrize("i,k", [(3584, 1024), (512, 2048), (37, 384)], ids=str)
+def test_add_norm_swiglu_matches_separate_kernels(i, k, check, monkeypatch):
+    """The residual add + RMSNorm in the SwiGLU GEMV's prologue (one launch) against the add + norm kernel and then
+    the SwiGLU GEMV: the same residual stream bit for bit, the same MLP input half up to bf16 rounding."""
+    from deltaserve.kernels.triton import linear
+    monkeypatch.setattr(linear, "ADD_NORM_PROLOGUE", True)
+    bf16 = torch.bfloat16
+    gen = torch.Generator().manual_seed(i + k)
+    x, y = (torch.randn(1, k, generator=gen).to(bf16).cuda() for _ in range(2))
+    norm = RMSNorm(k, 1e-6).cuda()
+    norm.weight.data = (torch.randn(k, generator=gen) * 0.1).to(bf16).cuda()
+    w = (torch.randn(2 * i, k, generator=gen) / k ** 0.5).to(bf16).cuda()
+    with torch.no_grad():
+        total, h = kernels.add_rms_norm(x, y, norm)
+        want = kernels.swiglu_gemv(h, w)
+        got = kernels.add_norm_swiglu(x, y, norm, w)
+        assert got is not None and torch.equal(got[0], total)
+        check(f"add + norm + swiglu gemv i{i} k{k} bfloat16", got[1], want, TOL[bf16])
+
+
 @pytest.mark.parametrize("h,dh,n", [(16, 128, 2048), (32, 128, 2048), (3, 128, 100), (4, 256, 2048)], ids=str)
 def test_norm_gate_gemv_matches_float64(h, dh, n, check):
     """One row: the delta-rule gated norm (per head of dh) or the attention's sigmoid gate (the gate a strided

@@ -26,8 +26,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr):
-    """x[o_k] in float32 after the prologue (see gemv_kernel)."""
+def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, rinv=1.):
+    """x[o_k] in float32 after the prologue (see gemv_kernel; rinv: PRO 3's row scale)."""
+    if PRO == 3:
+        b_s = _residual_sum(x, g, o_k)
+        return (b_s * rinv * (1. + tl.load(nw + o_k).to(tl.float32))).to(x.dtype.element_ty).to(tl.float32)
     b_x = tl.load(x + o_k).to(tl.float32)
     if PRO == 1:  # BK % HD == 0
         b_r = tl.reshape(b_x, (BK // HD, HD))
@@ -39,6 +42,12 @@ def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr,
         b_g = tl.load(g + (o_k // HD) * stride_gh + o_k % HD).to(tl.float32)
         b_x = (b_x * tl.sigmoid(b_g)).to(x.dtype.element_ty).to(tl.float32)
     return b_x
+
+
+@triton.jit
+def _residual_sum(x, g, o_k):
+    """(x + g)[o_k] rounded to x's dtype (as the residual stream is stored), in float32."""
+    return (tl.load(x + o_k).to(tl.float32) + tl.load(g + o_k).to(tl.float32)).to(x.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -62,11 +71,12 @@ def gemv_rows(acc, acc_u, GATED: tl.constexpr):
 
 @triton.jit
 def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                SWIGLU: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+                SWIGLU: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr, total=None):
     """out[n] = W[n] . x; SWIGLU: out[n] = SiLU(W[n] . x) * (W[N + n] . x), W [2N, K] rows [gate | up].
     PRO (prologue on x, heads of HD, rounded to x's dtype as the separate kernel would store it):
     1 = gated RMS norm x / rms_head(x) * nw * SiLU(g) (g contiguous); 2 = x * sigmoid(g), g[k] at
-    g + (k // HD) * stride_gh + k % HD.
+    g + (k // HD) * stride_gh + k % HD; 3 = the residual add and zero-centred RMS norm of the row, s = x + g (each
+    program sums the whole row first; program 0 stores s to `total`), s / rms(s) * (1 + nw).
     PDL (launched as a programmatic dependent launch, Hopper): the first weight block (no kernel writes
     weights) is loaded before the wait for the previous kernel; x, g and out only after it."""
     o_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -81,12 +91,21 @@ def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, 
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD)[None, :]
+    rinv = 1.
+    if PRO == 3:
+        ss = 0.
+        for k0 in range(0, K, BK):
+            b_s = _residual_sum(x, g, k0 + tl.arange(0, BK))
+            ss += tl.sum(b_s * b_s, axis=0)
+            if tl.program_id(0) == 0:
+                tl.store(total + k0 + tl.arange(0, BK), b_s.to(total.dtype.element_ty))
+        rinv = tl.rsqrt(ss / K + eps)
+    b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
     acc = b_w.to(tl.float32) * b_x
     acc_u = b_u.to(tl.float32) * b_x
     for k0 in range(BK, K, BK):  # K % BK == 0
         o_k = k0 + tl.arange(0, BK)
-        b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD)[None, :]
+        b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
         acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, SWIGLU)
     y = gemv_rows(acc, acc_u, SWIGLU)
     tl.store(out + o_n, y.to(out.dtype.element_ty), mask=m_n)
@@ -143,6 +162,27 @@ def swiglu_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     (half of linear's row block from each half: the same bytes per program); None where the GEMV does not apply."""
     bn, bk = _blocks(*w.shape)
     return gemv(x, w, bn=max(1, bn // 2), bk=bk, swiglu=True) if _takes_gemv(x, w, bk) else None
+
+
+ADD_NORM_PROLOGUE = False  # add_norm_swiglu on: off until a GPU run has checked and timed it
+
+
+def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                    w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One row: (s, SiLU(h Wg^T) * (h Wu^T)) with s = x + y (the residual stream) and h = RMSNorm(s), in one launch
+    (the add + norm kernel's work in the SwiGLU GEMV's prologue: a launch less per dense layer). x, y [1, D]
+    contiguous; w [2I, D] rows [gate | up]. s and h rounded to x's dtype as the separate kernel stores them. None
+    where the GEMV does not apply."""
+    bn, bk = _blocks(*w.shape)
+    if not ADD_NORM_PROLOGUE or not _takes_gemv(x, w, bk) or not y.is_contiguous() or y.dtype != x.dtype:
+        return None
+    n = w.shape[0] // 2
+    total, out = torch.empty_like(x), torch.empty(1, n, dtype=x.dtype, device=x.device)
+    on = pdl(x)
+    gemv_kernel[(triton.cdiv(n, max(1, bn // 2)),)](
+        x, w, out, n, w.stride(0), y, 0, norm_w, eps, K=w.shape[1], BN=max(1, bn // 2), BK=bk, SWIGLU=True, PRO=3,
+        HD=1, PDL=on, total=total, num_warps=4, launch_pdl=on)
+    return total, out
 
 
 def _prologue_blocks(n: int, k: int, hd: int) -> tuple[int, int]:

@@ -135,3 +135,15 @@ def test_native_row_passes_match_torch(vocab):
             total, hi = cdf[r, -1], cdf[r, tok]
             assert weights[r, tok] > 0
             assert hi - weights[r, tok] - 1e-5 * total <= u * total <= hi + 1e-5 * total
+
+
+def test_native_argmax_is_torchs():
+    """The C++ argmax (CPU greedy rows) against torch.argmax: the first of equal maxima, -inf rows, odd widths."""
+    if not sampler.NativeRows.takes(torch.zeros(1, 2)):
+        pytest.skip("the CPU kernels were not built")
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1, 5, 63, 64, 1000, 151936):
+        x = torch.randint(-3, 4, (6, vocab), generator=g).float()  # many ties
+        x[1] = float("-inf")
+        x[2, -1] = 100.
+        assert torch.equal(sampler.greedy(x), x.argmax(-1))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling.params import SamplingParams
-from ..sampling.sampler import filter_logits
+from ..sampling.sampler import filter_logits, greedy
 from ..forward_batch import Segment
 from .model_runner import ModelRunner
 from .sequence import Sequence
@@ -26,7 +26,7 @@ def accept(logits: torch.Tensor, drafts: list[int], q_probs: list[torch.Tensor |
     """logits [len(drafts) + 1, V]: row i is the main model's view of draft i. Returns accepted drafts + one
     token of the main model's own (the correction, or the bonus when every draft passed)."""
     if params.greedy:
-        target = logits.argmax(-1).tolist()
+        target = greedy(logits).tolist()
         m = 0
         while m < len(drafts) and drafts[m] == target[m]:
             m += 1
@@ -100,7 +100,7 @@ class MTPDrafter:
     @staticmethod
     def _pick(seq: Sequence, logits: torch.Tensor) -> None:
         if seq.params.greedy:
-            seq.draft_ids.append(int(logits.argmax()))
+            seq.draft_ids.append(int(greedy(logits[None])[0]))
             seq.draft_probs.append(None)
             return
         q = filter_logits(logits, seq.params).softmax(-1)

@@ -89,10 +89,16 @@ def pick(logits: torch.Tensor, sampled: SampledRows | None, argmax: torch.Tensor
     """Token ids [B] on the logits' device: argmax ([B], computed unless given), sampled rows drawn over it."""
     if sampled is not None and len(sampled.rows) == len(logits):  # every row sampled (rows ascending): no argmax,
         return draw_rows(logits.float(), sampled)  # no gathered copy of the rows
-    tokens = logits.argmax(-1) if argmax is None else argmax.clone()
+    tokens = greedy(logits) if argmax is None else argmax.clone()
     if sampled is not None:
         tokens[sampled.rows] = draw_rows(logits[sampled.rows].float(), sampled)
     return tokens
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """[B] argmax of each row (the first of equal maxima): C++ on CPU float32 logits (one vector pass, no
+    torch.argmax's ~0.3 ms per 248320-wide row here), else torch."""
+    return cpu_native.ops().sample_argmax(logits.contiguous()) if NativeRows.takes(logits) else logits.argmax(-1)
 
 
 def draw_rows(logits: torch.Tensor, s: SampledRows) -> torch.Tensor:

@@ -76,6 +76,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_decode", &attention_decode);
   m.def("gdn_block", &gdn_block);
   m.def("attention_block", &attention_block);
+  m.def("sample_argmax", &sample_argmax);
   m.def("sample_top", &sample_top);
   m.def("sample_mass", &sample_mass);
   m.def("sample_invert", &sample_invert);

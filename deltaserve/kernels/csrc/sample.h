@@ -78,13 +78,35 @@ static void row_weights(const float* l, float t, float top, float floor, int64_t
   }
 }
 
-static float row_max(const float* l, float t, int64_t V) {
+static float row_max(const float* l, float t, int64_t V) {  // max of l / t; t = 1: no division
   f32x16 m = splat(-std::numeric_limits<float>::infinity());
   int64_t k = 0;
-  for (; k + 16 <= V; k += 16) m = vmax(m, loadv<f32x16>(l + k) / t);
+  if (t == 1.f)
+    for (; k + 16 <= V; k += 16) m = vmax(m, loadv<f32x16>(l + k));
+  else
+    for (; k + 16 <= V; k += 16) m = vmax(m, loadv<f32x16>(l + k) / t);
   float top = hmax(m);
   for (; k < V; ++k) top = std::max(top, l[k] / t);
   return top;
+}
+
+// Per row: the index of its largest logit, the first of equal ones ([R] int64, as torch.argmax): the maximum in
+// one vector pass, then its first position.
+torch::Tensor sample_argmax(torch::Tensor logits) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({R}, logits.options().dtype(torch::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* l = lp + r * V;
+      const float top = row_max(l, 1.f, V);
+      int64_t k = 0;
+      while (k < V - 1 && !(l[k] == top)) ++k;
+      op[r] = k;
+    }
+  });
+  return out;
 }
 
 // The `width` largest x of each row, descending: [R, width]. Candidates above a threshold gather in a buffer;

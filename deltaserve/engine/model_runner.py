@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from threading import get_ident
+
 import torch
 
 from ..cache.state_cache import HybridCache
@@ -27,13 +29,20 @@ class ModelRunner:
         # from the first step with this many tokens or logits on, freed memory is kept for reuse: such a step's
         # activations (tens of MB) or logits would page-fault in afresh every step (2 ms of a 9.5 ms step of 8
         # sequences at vocabulary 151936, benchmarks/RESULTS.md); one-sequence runs keep their smaller resident size
-        self.keep_memory = packed
+        self.native, self.keep_memory = packed, packed
+        self.denormals_off_for = None  # (thread, pool size) flush_denormals last ran for
         cuda = device.type == "cuda"
         self.graphs = DecodeGraphs(model, cache, device) if cuda else None  # decode steps
         self.prefill_graphs = PrefillGraphs(model, cache, device) if cuda and prefill_graphs else None  # prompt chunks
 
-    def _keep_memory_if_large(self, segments: list[Segment]) -> None:
-        """At the first large step (see __init__), has glibc keep freed memory (cpu_native.keep_freed_memory)."""
+    def _prepare_cpu(self, segments: list[Segment]) -> None:
+        """Native CPU kernels: denormals off on the threads that will run this step (cpu_native.flush_denormals), and
+        at the first large step (see __init__) glibc keeping freed memory (cpu_native.keep_freed_memory)."""
+        if not self.native:
+            return
+        if self.denormals_off_for != (now := (get_ident(), torch.get_num_threads())):
+            cpu_native.flush_denormals()
+            self.denormals_off_for = now
         if self.keep_memory and (sum(len(s.token_ids) for s in segments) >= LARGE_STEP or
                                  sum(s.num_logits for s in segments) * self.model.cfg.vocab_size * 4 >= LARGE_LOGITS):
             cpu_native.keep_freed_memory()
@@ -44,7 +53,7 @@ class ModelRunner:
         """Runs one step; returns each segment's wanted logits ([num_logits, V] float32) in input order,
         and with keep_hidden also each segment's final hidden states ([len, D], for the MTP head)."""
         check_segments(segments, self.cache.max_num_seqs, self.cache.max_model_len)
-        self._keep_memory_if_large(segments)
+        self._prepare_cpu(segments)
         if not keep_hidden:
             for graphs in (self.graphs, self.prefill_graphs):
                 if graphs is not None and (logits := graphs.run(segments)) is not None:
@@ -67,7 +76,7 @@ class ModelRunner:
             return tokens
         if any(len(s.token_ids) != 1 or s.snapshot_slots for s in segments):
             raise BatchError("launch_decode takes single-token segments only")
-        self._keep_memory_if_large(segments)
+        self._prepare_cpu(segments)
         batch = self._batch(segments)  # single-token segments keep their order: row i is segment i
         if prev is not None:
             batch.input_ids.copy_(prev.device)

@@ -99,6 +99,15 @@ def _drop_stale_lock(name: str) -> None:
         pass
 
 
+def flush_denormals() -> None:
+    """Denormal floats flushed to zero on the calling thread and the OpenMP pool's threads (x86 FTZ + DAZ): the
+    delta rule's decay products underflow into denormals, on which x86 runs ~100x slower (a 128-token prefill of the
+    338M checkpoint: 416 -> 523 t/s on an Intel Xeon, benchmarks/RESULTS.md). Per thread and lasting: the CPU runner
+    calls it from the thread that runs its steps (and again if the pool grows); the rest of the process computes
+    without denormals from then on (differences below 1.2e-38)."""
+    ops().flush_denormals()
+
+
 def keep_freed_memory() -> None:
     """Makes glibc keep freed memory for reuse instead of handing blocks back to the OS. Its allocator maps every
     block above its mmap threshold (32 MB at most) afresh and unmaps it on free, so each prefill's activations (a

@@ -120,15 +120,14 @@ class TorchRows:
     def __init__(self, logits: torch.Tensor, temperature: torch.Tensor):
         self.x = logits / temperature[:, None]
         self.vocab = logits.shape[-1]
-        self.top = self.x.amax(-1)  # [R]
-        self.weights = (self.x - self.top[:, None]).exp()  # [R, V] unnormalised probabilities
+        self.weights = (self.x - self.x.amax(-1, keepdim=True)).exp()  # [R, V] unnormalised probabilities
 
     def top_values(self, width: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[R, width] the width largest x of each row (of `rows` only), descending."""
         return (self.x if rows is None else self.x[rows]).topk(width).values
 
     def mass(self, floor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[R] sum of exp(x - top) over x >= floor (rows: only these, floor theirs)."""
+        """[R] sum of exp(x - max x) over x >= floor (rows: only these, floor theirs)."""
         x, w = (self.x, self.weights) if rows is None else (self.x[rows], self.weights[rows])
         return (w * (x >= floor[:, None])).sum(-1)
 
@@ -148,19 +147,15 @@ class NativeRows:
     def __init__(self, logits: torch.Tensor, temperature: torch.Tensor):
         self.ops, self.logits, self.t = cpu_native.ops(), logits.contiguous(), temperature.contiguous()
         self.vocab = logits.shape[-1]
-        self.top = None  # from top_values: only the floor needs it
+
+    def _rows(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.logits, self.t) if rows is None else (self.logits[rows], self.t[rows])
 
     def top_values(self, width: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        logits, t = (self.logits, self.t) if rows is None else (self.logits[rows], self.t[rows])
-        vals = self.ops.sample_top(logits, t, width)
-        if rows is None:
-            self.top = vals[:, 0]
-        return vals
+        return self.ops.sample_top(*self._rows(rows), width)
 
     def mass(self, floor: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        logits, t, top = (self.logits, self.t, self.top) if rows is None else \
-            (self.logits[rows], self.t[rows], self.top[rows])
-        return self.ops.sample_mass(logits, t, top.contiguous(), floor.contiguous())
+        return self.ops.sample_mass(*self._rows(rows), floor.contiguous())
 
     def invert(self, floor: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.ops.sample_invert(self.logits, self.t, floor.contiguous(), u.contiguous())
@@ -176,7 +171,7 @@ def _floor(rows, top_k: torch.Tensor, top_p: torch.Tensor, width: int, nucleus_r
     kth = vals.gather(1, (top_k.clamp(max=width) - 1)[:, None]).squeeze(1)
     floor = torch.where(top_k < vocab, kth, float("-inf"))  # top-k: every token at least as high as the k-th
     # top-p's probabilities are over the tokens top-k keeps (the whole row without top-k)
-    lse = vals[:, 0] + rows.mass(floor, which).log()
+    lse = vals[:, 0] + rows.mass(floor, which).log()  # vals[:, 0]: the row maximum the mass is relative to
     probs = (vals - lse[:, None]).exp() * (vals >= floor[:, None])
     kept = nucleus(vals, probs, top_p).sum(-1)  # a prefix of at least one token
     lowest = vals.gather(1, (kept - 1)[:, None]).squeeze(1)

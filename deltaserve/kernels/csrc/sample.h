@@ -152,18 +152,18 @@ torch::Tensor sample_top(torch::Tensor logits, torch::Tensor temperature, int64_
   return out;
 }
 
-// Per row: sum of exp(x - top) over x >= floor ([R] float32), in row_weights' order.
-torch::Tensor sample_mass(torch::Tensor logits, torch::Tensor temperature, torch::Tensor top, torch::Tensor floor) {
+// Per row: sum of exp(x - max x) over x >= floor ([R] float32), in row_weights' order.
+torch::Tensor sample_mass(torch::Tensor logits, torch::Tensor temperature, torch::Tensor floor) {
   const int64_t R = logits.size(0), V = logits.size(1);
   auto out = torch::empty({R}, logits.options());
-  const float *lp = logits.data_ptr<float>(), *tp = temperature.data_ptr<float>(), *mp = top.data_ptr<float>(),
-              *fp = floor.data_ptr<float>();
+  const float *lp = logits.data_ptr<float>(), *tp = temperature.data_ptr<float>(), *fp = floor.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<float> w, bs;
     w.resize(V);
     for (int64_t r = r0; r < r1; ++r) {
-      row_weights(lp + r * V, tp[r], mp[r], fp[r], V, w.data(), bs);
+      const float* l = lp + r * V;
+      row_weights(l, tp[r], row_max(l, tp[r], V), fp[r], V, w.data(), bs);
       float total = 0.f;
       for (float s : bs) total += s;
       op[r] = total;

@@ -173,8 +173,10 @@ def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor, eps:
     (the add + norm kernel's work in the SwiGLU GEMV's prologue: a launch less per dense layer). x, y [1, D]
     contiguous; w [2I, D] rows [gate | up]. s and h rounded to x's dtype as the separate kernel stores them. None
     where the GEMV does not apply."""
+    if not ADD_NORM_PROLOGUE:
+        return None
     bn, bk = _blocks(*w.shape)
-    if not ADD_NORM_PROLOGUE or not _takes_gemv(x, w, bk) or not y.is_contiguous() or y.dtype != x.dtype:
+    if not _takes_gemv(x, w, bk) or not y.is_contiguous() or y.dtype != x.dtype:
         return None
     n = w.shape[0] // 2
     total, out = torch.empty_like(x), torch.empty(1, n, dtype=x.dtype, device=x.device)

@@ -10,7 +10,10 @@ with the even values in the low nibbles. So x is packed in the matching order: n
 [x0 x2 x4 x6 | x1 x3 x5 x7] (SPLIT, the 4-bit formats), each packed word beside its nibbles' partner.
 Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV), up to I8_ROWS of them (decode
 batches), each row in programs of its own; the result differs from the float product by x's rounding to 8 bits,
-as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS.
+as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS. Steps of more
+rows still take the GEMM on bf16 x, so with this path on a sequence's logits would move by x's rounding (~1e-2
+relative, not ~1e-6) between decode batches of <= 8 and > 8 rows: before turning it on by default, the GEMM (and the
+MoE's grouped path) should take int8 x too (tl.dot on int8 tiles, per-32 integer sums: exact at any T).
 """
 
 from __future__ import annotations

@@ -165,7 +165,8 @@ def gemv_blocks(fmt: str, n: int, k: int) -> tuple[int, int]:
 
 
 GEMM_BN, GEMM_BK = 64, 64
-# one bf16/fp16 row against q8_0 / q4_k / q6_k on int8 x and dp4a (qgemv_i8.py); off until a GPU run has checked it
+# up to 8 bf16/fp16 rows against q8_0 / q4_k / q6_k on int8 x and dp4a (qgemv_i8.py); off until a GPU run has
+# checked it (and until steps of more rows round x the same way: see qgemv_i8.py)
 I8_GEMV = False
 
 

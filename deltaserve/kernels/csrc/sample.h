@@ -90,6 +90,16 @@ static float row_max(const float* l, float t, int64_t V) {  // max of l / t; t =
   return top;
 }
 
+// A row's weights exp(x - max x) over x >= floor into w [V] and their block sums into bs; returns their total
+// (the block sums added in order).
+static float weigh_row(const float* l, float t, float floor, int64_t V, std::vector<float>& w, std::vector<float>& bs) {
+  w.resize(V);
+  row_weights(l, t, row_max(l, t, V), floor, V, w.data(), bs);
+  float total = 0.f;
+  for (float s : bs) total += s;
+  return total;
+}
+
 // Per row: the index of its largest logit, the first of equal ones ([R] int64, as torch.argmax): the maximum in
 // one vector pass, then its first position.
 torch::Tensor sample_argmax(torch::Tensor logits) {
@@ -160,14 +170,7 @@ torch::Tensor sample_mass(torch::Tensor logits, torch::Tensor temperature, torch
   float* op = out.data_ptr<float>();
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<float> w, bs;
-    w.resize(V);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* l = lp + r * V;
-      row_weights(l, tp[r], row_max(l, tp[r], V), fp[r], V, w.data(), bs);
-      float total = 0.f;
-      for (float s : bs) total += s;
-      op[r] = total;
-    }
+    for (int64_t r = r0; r < r1; ++r) op[r] = weigh_row(lp + r * V, tp[r], fp[r], V, w, bs);
   });
   return out;
 }
@@ -182,12 +185,8 @@ torch::Tensor sample_invert(torch::Tensor logits, torch::Tensor temperature, tor
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
     static thread_local std::vector<float> w, bs;
-    w.resize(V);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* l = lp + r * V;
-      row_weights(l, tp[r], row_max(l, tp[r], V), fp[r], V, w.data(), bs);
-      float total = 0.f;
-      for (float s : bs) total += s;
+      const float total = weigh_row(lp + r * V, tp[r], fp[r], V, w, bs);
       // strictly below the total: the interval of a zero-weight token past the last kept one is never hit
       const float target = std::min((float)(up[r] * (double)total), std::nextafter(total, 0.f));
       int64_t pick = -1;

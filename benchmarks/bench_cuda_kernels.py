@@ -108,7 +108,8 @@ def attention(rows: list[str]) -> None:
     slots = torch.arange(n, device=DEV)
     cu = torch.arange(n + 1, device=DEV) * length
     pos = torch.arange(length, device=DEV).repeat(n)
-    t_tri = ms(lambda: prefill_attention(q, caches[0], caches[1], table, cu, slots, pos, length, d ** -0.5))
+    chunks = torch.tensor([(s, c) for s in range(n) for c in range(length // 64)], device=DEV)  # [NT, 2]
+    t_tri = ms(lambda: prefill_attention(q, caches[0], caches[1], table, cu, slots, pos, 0, chunks, d ** -0.5))
     qp = q.view(n, length, h, d)
     t_sdpa = ms(lambda: sdpa_over_gather(qp, caches[0], caches[1], slots, pos.view(n, length), length, d ** -0.5))
     flops = 4 * n * length * length / 2 * h * d

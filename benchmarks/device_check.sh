@@ -3,6 +3,7 @@
 # its full log in $OUT/<step>.log, the last lines of every log printed at the end (the reply carries the tail).
 # Run from the repository root on the device machine, wheels carried in .whl/ (fla-core, gguf):
 #   bash benchmarks/device_check.sh [graphs kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
+# Steps joined by + run at the same time (tests only: timings want the machine to themselves), e.g. graphs+i8 ttft
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #                and the add + norm + SwiGLU GEMV's
@@ -12,6 +13,8 @@
 #   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode with and without the int8-x
 #                GEMV, each decode graph's kernels by device time)
 #   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
+#   kernels-quick  of those: attention, the bf16 delta-rule layer cases, the norms
+#   attn-bench   benchmarks/bench_cuda_kernels.py attention (decode and prefill attention against gather + SDPA)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
@@ -36,21 +39,22 @@ step() {  # name, seconds, command...
   echo "$name: exit $? after $((SECONDS - start)) s (limit $limit)" | tee -a "$OUT/summary.log"
 }
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(graphs kernels quant engine ttft decode quant-bench prefix)
-for s in "${steps[@]}"; do
-  case $s in
+run_step() {
+  case $1 in
     graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph or add_norm_swiglu" ;;
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
     i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8" ;;
     sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
     qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile) ;;
+    kernels-quick) step kernels-quick 240 python3 -m pytest -q -x tests/cuda/test_state_kernels.py \
+                     tests/cuda/test_layer_kernels.py -k "attention or (gated_delta_net and bfloat16) or norm" ;;
+    attn-bench) (cd benchmarks && step attn-bench 120 python3 bench_cuda_kernels.py attention) ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
-    decode-fused) (cd benchmarks && step decode-fused 400 python3 -c "import runpy, sys
+    decode-fused) (cd benchmarks && step decode-fused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys
 import deltaserve.kernels.triton.linear as linear
 linear.ADD_NORM_PROLOGUE = True
 sys.argv = ['bench_cuda.py', '--configs', 'qwen3.5-0.8b', '--nps', '1', '64', '--no-hf']
@@ -58,10 +62,17 @@ runpy.run_path('bench_cuda.py', run_name='__main__')") ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
     prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \
                --rounds 2) ;;
-    *) echo "unknown step $s" ;;
+    *) echo "unknown step $1" ;;
   esac
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(graphs kernels quant engine ttft decode quant-bench prefix)
+for group in "${steps[@]}"; do  # a+b+c: those steps at once (tests whose Triton compiles can share the host's cores)
+  for s in ${group//+/ }; do run_step "$s" & done
+  wait
 done
-for s in "${steps[@]}"; do
+for s in ${steps[@]//+/ }; do
   [ -f "$OUT/$s.log" ] && { echo "=== $s"; grep -v "^\s*$" "$OUT/$s.log" | tail -25; }
 done
 cat "$OUT/summary.log" 2>/dev/null

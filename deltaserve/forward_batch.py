@@ -108,6 +108,11 @@ class ForwardBatch:
         return len(self.lens)
 
     @property
+    def num_decodes(self) -> int:
+        """How many single-token segments lead the batch (the decode group)."""
+        return self.groups[0].num_tokens if self.groups and self.groups[0].kind == "decode" else 0
+
+    @property
     def one_token_each(self) -> bool:
         """Every segment is a single token (decodes, one-token prompts) and none keeps per-token states."""
         return sum(self.lens) == len(self.lens) and not self.snapshots

@@ -98,15 +98,17 @@ def test_prefill_graph_layout_pads_with_slotless_rows():
     assert batch.positions.tolist() == [40, 0] + list(range(5, 15)) + list(range(70)) + list(range(16))
     assert batch.token_slots.tolist() == [6, -1] + [3] * 10 + [1] * 70 + [-1] * 16
     assert batch.slots.tolist() == [6, -1, 3, 1, -1] and batch.reset.tolist() == [0, 1, 0, 1, 1]
+    assert batch.token_segment.tolist() == [0, 1] + [2] * 10 + [3] * 70 + [4] * 16
     assert batch.logits_index.tolist() == [0, 1, 11, 81, 97]
     assert [g.kind for g in batch.groups] == ["decode", "prefill"] and batch.groups[1].slots.tolist() == [3, 1, -1]
     cu, index = batch.chunk_meta(2)
     same = build_batch([Segment([7], 40, 6), Segment([0], 0, 7)] + [segs[0], segs[2], Segment([0] * 16, 0, 0)], 8)
     assert cu.tolist() == same.chunk_meta(2)[0].tolist() == [0, 10, 80, 96]
+    assert batch.token_segment.tolist() == same.token_segment.tolist()
     assert index.tolist() == same.chunk_meta(2)[1].tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
     assert batch.cu_seqlens.tolist() == same.cu_seqlens.tolist()
     shape, flat, where = layout([segs[0], segs[2]], 0, 80)  # no padding where the tokens fill the bucket
-    assert shape == (0, 80, 2, 3) and where == [0, 1] and flat.size == 3 * 80 + 5 * 2 + 2 + 2 * 3
+    assert shape == (0, 80, 2, 3) and where == [0, 1] and flat.size == 4 * 80 + 5 * 2 + 2 + 2 * 3
 
 
 @pytest.mark.parametrize("segs,msg", [

@@ -117,16 +117,24 @@ class HybridCache:
 
     def copy_blocks(self, src: int, dst: int) -> None:
         """Copy one KV block (every attention layer's, the MTP head's too) to another."""
-        _copy_rows(self._kv, src, dst)
+        _copy_rows(self._kv, [(src, dst)])
 
     def copy_state(self, src: int, dst: int) -> None:
         """Copy one slot's recurrent state (conv windows + delta-rule states of every GDN layer) to another."""
-        _copy_rows(self._gdn, src, dst)
+        _copy_rows(self._gdn, [(src, dst)])
+
+    def copy_states(self, moves: list[tuple[int, int]]) -> None:
+        """copy_state for each (src, dst), all at once: distinct dsts, none of them a src."""
+        _copy_rows(self._gdn, moves)
 
 
-def _copy_rows(pairs: list[tuple[torch.Tensor, torch.Tensor]], src: int, dst: int) -> None:
-    """Row dst of every tensor = its row src, in one multi-tensor copy (a few launches on CUDA, not one per tensor:
-    a snapshot at a prompt's end is on the path to its first token)."""
-    tensors = [t for pair in pairs for t in pair]
-    if tensors:
-        torch._foreach_copy_([t[dst] for t in tensors], [t[src] for t in tensors])
+def _copy_rows(pairs: list[tuple[torch.Tensor, torch.Tensor]], moves: list[tuple[int, int]]) -> None:
+    """Row dst of every tensor = its row src for each (src, dst), in one multi-tensor copy per dtype: a few launches
+    on CUDA, not one per tensor and row (torch's fused foreach copy takes lists of one dtype; the conv windows are in
+    the model's, the delta-rule states in float32). Snapshots at prompts' ends are on the path to first tokens."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in (t for pair in pairs for t in pair):
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for tensors in by_dtype.values():
+        torch._foreach_copy_([t[dst] for src, dst in moves for t in tensors],
+                             [t[src] for src, dst in moves for t in tensors])

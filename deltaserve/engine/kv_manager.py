@@ -48,6 +48,7 @@ class KVManager:
         self.reserved = 0  # blocks running sequences may still allocate
         self.stats = PrefixStats()
         self._table_updates: list[tuple[int, int, int]] = []
+        self._snapshot_copies: dict[int, int] = {}  # snapshot slot -> the sequence slot whose state it takes
 
     def blocks_needed(self, seq: Sequence) -> int:
         most = min(len(seq.prompt_ids) + seq.max_tokens + self.spec_tokens, self.max_model_len)
@@ -85,6 +86,7 @@ class KVManager:
                 seq.blocks.append(self.pool.allocate())
                 self.cache.copy_blocks(hit.snapshot.partial_block, seq.blocks[-1])
             self._table_updates += [(seq.slot, j, b) for j, b in enumerate(seq.blocks)]
+            self._copy_snapshots()  # the hit's state may be one still to copy; the slot may be another's source
             self.cache.copy_state(hit.snapshot.slot, seq.slot)
             seq.num_computed = seq.num_cached = hit.length
             self.stats.hits += 1
@@ -103,8 +105,9 @@ class KVManager:
             self.reserved -= 1
 
     def flush(self) -> None:
-        """Writes the step's block table changes (before the step runs; none: no call, which under tensor
-        parallelism would be a message to every rank)."""
+        """Copies the snapshots taken since the last step and writes the step's block table changes (before the
+        step runs; none: no call, which under tensor parallelism would be a message to every rank)."""
+        self._copy_snapshots()
         if self._table_updates:
             self.cache.set_blocks(self._table_updates)
             self._table_updates = []
@@ -114,9 +117,14 @@ class KVManager:
         if self.prefix is None or length <= 0:
             return
         snap = self.prefix.capture(seq.all_tokens(0, length), seq.blocks)
-        if snap is not None:
-            self.cache.copy_state(seq.slot, snap.slot)
+        if snap is not None:  # copied with the step's others before anything runs or reads it (flush, admit)
+            self._snapshot_copies[snap.slot] = seq.slot  # a slot evicted and taken again keeps the last capture
             self.stats.snapshots += 1
+
+    def _copy_snapshots(self) -> None:
+        if self._snapshot_copies:
+            self.cache.copy_states([(src, dst) for dst, src in self._snapshot_copies.items()])
+            self._snapshot_copies = {}
 
     def release(self, seq: Sequence) -> None:
         """A finished or aborted sequence's blocks go back (registered ones stay cached until evicted)."""

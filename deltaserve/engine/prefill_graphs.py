@@ -50,7 +50,7 @@ def decode_rows(n: int) -> int:
 def layout(segments: list[Segment], d: int, t: int) -> tuple[Shape, np.ndarray, list[int]]:
     """The step laid out as a graph of d decode rows and t prefill tokens takes it: (its shape, its static inputs as
     one int64 array, the logits row of each segment). The array holds, in order: ids [D+T], positions [D+T], token
-    slots [D+T], slots [N], reset flags [N], cu_seqlens [N+1], logits rows [N], the prefill segments' cu_seqlens
+    slots [D+T], token segments [D+T], slots [N], reset flags [N], cu_seqlens [N+1], logits rows [N], the prefill segments' cu_seqlens
     counted from their first token [N-D+1] and chunk index [NT, 2] (segment, chunk within it)."""
     dec = [i for i, s in enumerate(segments) if len(s.token_ids) == 1]
     pre = [i for i, s in enumerate(segments) if len(s.token_ids) > 1]
@@ -72,8 +72,8 @@ def layout(segments: list[Segment], d: int, t: int) -> tuple[Shape, np.ndarray, 
     index = np.stack([np.repeat(np.arange(n - d), chunks), np.arange(nt) - first_chunk], axis=1)
     ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _, _ in rows])
     positions = np.arange(d + t) - np.repeat(cu[:-1] - starts, lens)
-    flat = np.concatenate([ids, positions, np.repeat(slots, lens), slots, starts == 0, cu, cu[1:] - 1, cu[d:] - d,
-                           index.reshape(-1)])
+    flat = np.concatenate([ids, positions, np.repeat(slots, lens), np.repeat(np.arange(n), lens), slots, starts == 0, cu,
+                           cu[1:] - 1, cu[d:] - d, index.reshape(-1)])
     where = [0] * len(segments)  # logits row of each segment
     for row, i in enumerate(dec + pre):
         where[i] = row if row < len(dec) else row + d - len(dec)
@@ -86,15 +86,15 @@ def static_batch(shape: Shape, inputs: torch.Tensor, num_slots: tuple[int, int],
     its host lengths of prefill segments are upper bounds (each as long as T), the kernels take the real ones from
     cu_seqlens."""
     d, t, n, nt = shape
-    ids, pos, token_slots, slots, reset, cu, rows, cu_pre, index = inputs.split(
-        [d + t, d + t, d + t, n, n, n + 1, n, n - d + 1, 2 * nt])
-    unread = inputs[:0]  # the torch reference's padded layout and per-token segment index: not read on CUDA
+    ids, pos, token_slots, token_segment, slots, reset, cu, rows, cu_pre, index = inputs.split(
+        [d + t, d + t, d + t, d + t, n, n, n + 1, n, n - d + 1, 2 * nt])
+    unread = inputs[:0]  # the torch reference's padded layout: not read on CUDA
     groups = [SegmentGroup(tokens=tokens, slots=slots[part], reset=reset[part], start_pos=unread, lens=unread,
                            pad_index=unread, valid=unread, kind=kind)
               for kind, tokens, part in (("decode", slice(0, d), slice(0, d)), ("prefill", slice(d, d + t), slice(d, n)))
               if tokens.stop > tokens.start]
     return ForwardBatch(
-        input_ids=ids, positions=pos, token_slots=token_slots, token_segment=unread, cu_seqlens=cu, slots=slots,
+        input_ids=ids, positions=pos, token_slots=token_slots, token_segment=token_segment, cu_seqlens=cu, slots=slots,
         reset=reset, lens=[1] * d + [t] * (n - d), start_pos=[0] * n, slot_ids=[-1] * n, snapshots=False,
         groups=groups, logits_index=rows, logits_split=[1] * n, order=list(range(n)), num_slots=num_slots,
         block_table=block_table, derived={("chunks", d, CHUNK): (cu_pre, index.view(nt, 2))})

@@ -147,7 +147,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     if q.is_cuda:
         from .triton.attention import attention as cuda_attention
         return cuda_attention(q, k, v, k_cache, v_cache, batch.blocks_for(k_cache), batch.token_slots,
-                              batch.positions, batch.cu_seqlens, batch.slots, batch.lens, scale)
+                              batch.positions, batch.cu_seqlens, batch.slots, batch, scale)
     return reference.attention(q, k, v, k_cache, v_cache, batch, scale, batch.blocks_for(k_cache))
 
 

@@ -79,6 +79,14 @@ def pools(eng: LLMEngine) -> list[torch.Tensor]:
     return [t.clone() for i in range(eng.cfg.num_layers) for t in eng.cache.layer(i)]
 
 
+def others_rows(eng: LLMEngine, slots) -> list[torch.Tensor]:
+    """Per tensor of pools(): the rows that belong to slots outside `slots`: state rows by slot, KV rows by block
+    (the block table's rows of those slots)."""
+    others = torch.tensor([s for s in range(eng.cache.max_num_seqs) if s not in slots])
+    blocks = eng.cache.block_table[others.to(eng.cache.block_table.device)].flatten().long().unique()
+    return [blocks if i in eng.cfg.attn_layers else others for i in range(eng.cfg.num_layers) for _ in range(2)]
+
+
 def restore(eng: LLMEngine, saved: list[torch.Tensor]) -> None:
     for t, s in zip((t for i in range(eng.cfg.num_layers) for t in eng.cache.layer(i)), saved):
         t.copy_(s)
@@ -108,10 +116,9 @@ def test_one_graph_serves_any_slot_assignment(tiny_dirs, arch):
         runner.graphs = graphs
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
-        kv_rows = [s for s in range(eng.cache.max_num_seqs) if s not in slots]
-        for t_graph, t_eager, t_before in zip(after_graph, pools(eng), before):
+        for t_graph, t_eager, t_before, rows in zip(after_graph, pools(eng), before, others_rows(eng, slots)):
             torch.testing.assert_close(t_graph, t_eager, rtol=1e-5, atol=1e-5)
-            assert torch.equal(t_graph[kv_rows], t_before[kv_rows])  # state, conv and KV of other slots
+            assert torch.equal(t_graph[rows], t_before[rows])  # state, conv and KV of other slots
         for s in slots:
             pos[s] += 1
 
@@ -144,10 +151,9 @@ def test_one_prefill_graph_serves_any_slots_and_splits(tiny_dirs, arch):
         for g, w, seg in zip(got, want, segs):
             assert g.shape == (seg.num_logits, eng.cfg.vocab_size)
             torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
-        kv_rows = [s for s in range(eng.cache.max_num_seqs) if s not in dict(step)]
-        for t_graph, t_eager, t_before in zip(after_graph, pools(eng), before):
+        for t_graph, t_eager, t_before, rows in zip(after_graph, pools(eng), before, others_rows(eng, dict(step))):
             torch.testing.assert_close(t_graph, t_eager, rtol=1e-4, atol=1e-4)
-            assert torch.equal(t_graph[kv_rows], t_before[kv_rows])  # state, conv and KV of other slots
+            assert torch.equal(t_graph[rows], t_before[rows])  # state, conv and KV of other slots
         for s, n in step:
             pos[s] = pos.get(s, 0) + n
     assert list(graphs.graphs) == [(4, 128, 8, 4)]

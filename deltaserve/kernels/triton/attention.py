@@ -6,9 +6,13 @@ The caches are [NB, BS, G, D]; position p of slot s lives in block block_table[s
 - store_kv: one program per (token, KV head) writes k, v at its slot's position; slot -1 writes nothing.
 - decode (one query per segment): split-K flash decoding; a program takes the R query heads of one KV
   head over one split of the keys, a second kernel merges the splits by their log-sum-exp.
-- prefill (any segment lengths): one program per (block of a segment's queries, query head), keys
-  [0, position] of its slot, online softmax; a segment in slot -1 (padding) gets zeros.
-Both walk the keys with the same online-softmax loop, `_attend` (causal mask for prefill only).
+- prefill (any segment lengths): one program per (64-query chunk of a segment, query head), the chunks listed
+  by the batch's chunk index (forward_batch.chunk_meta: the grid is the step's chunks, not segments x the longest
+  one's, which in a graph sized for 8192 tokens would be mostly empty programs), the heaviest (latest) first;
+  single-token segments in front (a mixed step's decodes) one program each. Keys [0, position] of its slot,
+  online softmax: the keys every query of the chunk sees without a mask, then the diagonal with the causal one;
+  a segment in slot -1 (padding) gets zeros.
+Both walk the keys with the same online-softmax loop, `_attend`.
 Reference: `deltaserve.kernels.reference.attention`.
 """
 
@@ -18,6 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...forward_batch import CHUNK
+
+PREFILL_BM = CHUNK  # queries per prefill program: the chunk of the batch's chunk index, which the GDN layers build too
 
 @triton.jit
 def store_kv_kernel(k, v, stride_k, stride_v, k_cache, v_cache, block_table, MB, token_slots, positions,
@@ -35,14 +42,12 @@ def store_kv_kernel(k, v, stride_k, stride_v, k_cache, v_cache, block_table, MB,
 
 
 @triton.jit
-def _attend(b_q, q_pos, k_cache, v_cache, blocks, i_g, lo, hi, scale, o_d, m_d, QB: tl.constexpr, BD: tl.constexpr,
+def _attend(acc, b_m, b_l, b_q, q_pos, k_cache, v_cache, blocks, i_g, lo, hi, scale, o_d, m_d, BD: tl.constexpr,
             BS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr,
             PREC: tl.constexpr):
     """Online softmax of queries b_q [QB, BD] over keys [lo, hi) of KV head i_g (blocks: the slot's block table
-    row); CAUSAL: query i sees key n only if n <= q_pos[i]. Returns (acc [QB, BD] unnormalised, max [QB], sum [QB])."""
-    b_m = tl.full([QB], float("-inf"), tl.float32)
-    b_l = tl.zeros([QB], tl.float32)
-    acc = tl.zeros([QB, BD], tl.float32)
+    row), continuing (acc [QB, BD] unnormalised, max [QB], sum [QB]), which it returns; CAUSAL: query i sees key n
+    only if n <= q_pos[i]."""
     for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < hi
@@ -80,8 +85,9 @@ def decode_split_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, 
     heads = i_g * R + o_r
     b_q = tl.load(q + i_b * stride_qt + heads[:, None] * stride_qh + o_d[None, :],
                   mask=m_r[:, None] & m_d[None, :], other=0.)
-    acc, b_m, b_l = _attend(b_q, o_r, k_cache, v_cache, block_table + slot * MB, i_g, lo, hi, scale, o_d, m_d,
-                            QB=RP, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
+    acc, b_m, b_l = _attend(tl.zeros([RP, BD], tl.float32), tl.full([RP], float("-inf"), tl.float32),
+                            tl.zeros([RP], tl.float32), b_q, o_r, k_cache, v_cache, block_table + slot * MB, i_g, lo,
+                            hi, scale, o_d, m_d, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
     part = (i_b * H + heads) * NS + i_s  # [RP] rows of the partial results
     tl.store(o_part + part[:, None] * BD + o_d[None, :], acc / tl.maximum(b_l, 1e-30)[:, None], mask=m_r[:, None])
     tl.store(lse_part + part, tl.where(b_l > 0, b_m + tl.log(b_l), float("-inf")), mask=m_r)
@@ -101,32 +107,38 @@ def decode_merge_kernel(o_part, lse_part, out, D: tl.constexpr, BD: tl.constexpr
 
 @triton.jit
 def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, MB, out, cu_seqlens, slots, positions,
-                   scale, QB, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                   chunks, FIRST, NT, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                   BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     i_p, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_m = i_p // QB, i_p % QB
+    chunked = i_p >= FIRST  # else a single-token segment; chunk NT-1 first: a segment's last chunk is its heaviest
+    c = NT - 1 - (i_p - FIRST)
+    i_n = tl.where(chunked, FIRST + tl.load(chunks + 2 * c, mask=chunked, other=0).to(tl.int32), i_p)
+    i_m = tl.where(chunked, tl.load(chunks + 2 * c + 1, mask=chunked, other=0).to(tl.int32), 0)
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     slot = tl.load(slots + i_n).to(tl.int64)
     q0 = bos + i_m * BM
-    if (q0 < eos) & (slot >= 0):
+    o_m, o_d = q0 + tl.arange(0, BM), tl.arange(0, BD)
+    m_m, m_d = o_m < eos, o_d < D
+    if slot >= 0:
         i_g = i_h // (H // G)
         start = tl.load(positions + bos)  # position of the segment's first token
-        o_m, o_d = q0 + tl.arange(0, BM), tl.arange(0, BD)
-        m_m, m_d = o_m < eos, o_d < D
         q_pos = start + (o_m - bos)
         b_q = tl.load(q + o_m[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
                       mask=m_m[:, None] & m_d[None, :], other=0.)
-        hi = start + tl.minimum(q0 + BM, eos) - bos  # keys [0, hi) cover every query of the block
-        acc, _, b_l = _attend(b_q, q_pos, k_cache, v_cache, block_table + slot * MB, i_g, 0, hi, scale, o_d, m_d,
-                              QB=BM, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=True, PREC=PREC)
+        seen = start + q0 - bos  # keys [0, seen) are seen by every query of the chunk: no mask
+        hi = start + tl.minimum(q0 + BM, eos) - bos  # keys [0, hi) cover every query of the chunk
+        blocks = block_table + slot * MB
+        acc, b_m, b_l = _attend(tl.zeros([BM, BD], tl.float32), tl.full([BM], float("-inf"), tl.float32),
+                                tl.zeros([BM], tl.float32), b_q, q_pos, k_cache, v_cache, blocks, i_g, 0, seen, scale,
+                                o_d, m_d, BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=False, PREC=PREC)
+        acc, _, b_l = _attend(acc, b_m, b_l, b_q, q_pos, k_cache, v_cache, blocks, i_g, seen, hi, scale, o_d, m_d,
+                              BD=BD, BS=BS, G=G, D=D, BN=BN, CAUSAL=True, PREC=PREC)
         res = acc / tl.maximum(b_l, 1e-30)[:, None]
-        tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], res.to(out.dtype.element_ty),
-                 mask=m_m[:, None] & m_d[None, :])
-    elif q0 < eos:  # a padding segment (prefill graphs): zeros, so that no garbage reaches the layers after
-        o_m, o_d = q0 + tl.arange(0, BM), tl.arange(0, BD)
-        tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], tl.zeros([BM, BD], out.dtype.element_ty),
-                 mask=(o_m < eos)[:, None] & (o_d < D)[None, :])
+    else:  # a padding segment (prefill graphs): zeros, so that no garbage reaches the layers after
+        res = tl.zeros([BM, BD], tl.float32)
+    tl.store(out + (o_m[:, None] * H + i_h) * D + o_d[None, :], res.to(out.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
 
 
 def store_kv(k, v, k_cache, v_cache, block_table, token_slots, positions):
@@ -155,29 +167,32 @@ def decode_attention(q, k_cache, v_cache, block_table, slots, positions, scale, 
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, max_len, scale):
+def prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, first, chunks, scale):
+    """first: how many single-token segments lead the batch; chunks [NT, 2] (segment counted from first, chunk of
+    PREFILL_BM queries within it) of the others."""
     t, h, d = q.shape
-    fp32 = q.dtype == torch.float32
-    bm, bn = (32, 32) if fp32 or d > 128 else (64, 64)
-    qb = triton.cdiv(max_len, bm)
+    bn = 64 if d <= 128 and q.dtype != torch.float32 else 32 if q.dtype != torch.float32 or d <= 128 else 16
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
-    prefill_kernel[(slots.shape[0] * qb, h)](
+    prefill_kernel[(first + chunks.shape[0], h)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, block_table, block_table.shape[1], out, cu_seqlens, slots,
-        positions, scale, qb, H=h, G=k_cache.shape[2], D=d, BD=triton.next_power_of_2(d), BS=k_cache.shape[1], BM=bm,
-        BN=bn, PREC=_precision(q.dtype), num_warps=8 if d > 128 else 4,
+        positions, chunks, first, chunks.shape[0], scale, H=h, G=k_cache.shape[2], D=d, BD=triton.next_power_of_2(d),
+        BS=k_cache.shape[1], BM=PREFILL_BM, BN=bn, PREC=_precision(q.dtype), num_warps=8 if d > 128 else 4,
     )
     return out
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_table: torch.Tensor, token_slots: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-              slots: torch.Tensor, lens: list[int], scale: float) -> torch.Tensor:
+              slots: torch.Tensor, batch, scale: float) -> torch.Tensor:
     """q [T, H, D]; k, v [T, G, D] (rows may be strided, heads contiguous); caches [NB, BS, G, D]; block_table
-    [S, MB] int32; token_slots, positions [T]; cu_seqlens [N+1]; slots [N] (-1: padding row); lens: host segment
-    lengths. Appends k, v at each token's slot and position, then returns [T, H, D] in q's dtype."""
+    [S, MB] int32; token_slots, positions [T]; cu_seqlens [N+1]; slots [N] (-1: padding row); batch: the
+    ForwardBatch (its host lengths and chunk index). Appends k, v at each token's slot and position, then returns
+    [T, H, D] in q's dtype."""
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and k_cache.is_contiguous()
     assert block_table.is_contiguous()
     store_kv(k, v, k_cache, v_cache, block_table, token_slots, positions)
-    if len(lens) == q.shape[0]:  # one token per segment: decode
+    if batch.num_segments == q.shape[0]:  # one token per segment: decode
         return decode_attention(q, k_cache, v_cache, block_table, slots, positions, scale)
-    return prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, max(lens), scale)
+    first = batch.num_decodes
+    return prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, positions, first,
+                             batch.chunk_meta(first, PREFILL_BM)[1], scale)

@@ -41,7 +41,8 @@ def gated_delta_net(mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, conv_
     n_seg = len(batch.lens)
     n_rec = sum(len(g.slots) for g in batch.groups if g.kind != "prefill")  # a shape: no device sync
     snaps = _snapshot_table(batch, n_seg)
-    x = causal_conv(mixed, conv_weight, conv_pool, batch.cu_seqlens, batch.slots, batch.reset, max(batch.lens), snaps)
+    x = causal_conv(mixed, conv_weight, conv_pool, batch.cu_seqlens, batch.slots, batch.reset, max(batch.lens), snaps,
+                    batch.token_segment)
     if n_rec == n_seg:
         return gdn_recurrent(x, a, b, A_log, dt_bias, ssm_pool, batch.cu_seqlens, batch.slots, batch.reset,
                              num_k_heads, snaps)

@@ -69,8 +69,9 @@ def quantize_x_kernel(x, stride_x, xq, xd, xs, K, BG: tl.constexpr, SPLIT: tl.co
     m_g = o_g < K // 32
     b_x = tl.load(x + o_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m_g[:, None], other=0.).to(tl.float32)
     amax = tl.max(tl.abs(b_x), axis=1)  # [BG]
-    scale = amax / 127.
-    b_v = b_x / tl.where(amax > 0, scale, 1.)[:, None]
+    scale = tl.math.div_rn(amax, 127.)
+    # IEEE division (Triton's `/` is the approximate div.full.f32): codes as the torch reference rounds them
+    b_v = tl.math.div_rn(b_x, tl.where(amax > 0, scale, 1.)[:, None])
     b_q = tl.where(b_v >= 0, b_v + 0.5, b_v - 0.5).to(tl.int32)  # [BG, 32] rounded half away from zero
     tl.store(xd + o_g, scale, mask=m_g)
     sums = tl.sum(tl.reshape(b_q, (BG, 2, 16)), axis=2)
@@ -165,7 +166,8 @@ def i8_blocks(fmt: str, k: int, bn: int = I8_BN, bk: int = I8_BK) -> tuple[int, 
 def rounded_x(x: torch.Tensor) -> torch.Tensor:
     """The torch reference of quantize_x: float32 [..., K] of x as the integer GEMV sees it (q * scale per 32)."""
     g = x.float().unflatten(-1, (-1, 32))
-    scale = g.abs().amax(-1, keepdim=True) / 127
+    amax = g.abs().amax(-1, keepdim=True)
+    scale = amax / torch.full_like(amax, 127)  # IEEE division: torch's `/ 127` on CUDA multiplies by 1/127
     v = g / torch.where(scale > 0, scale, 1)
     return (torch.where(v >= 0, v + 0.5, v - 0.5).trunc() * scale).flatten(-2)
 

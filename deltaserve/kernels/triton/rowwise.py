@@ -20,25 +20,29 @@ from .linear import pdl
 
 
 @triton.jit
-def rms_norm_kernel(x, stride_0, stride_1, w, out, z, stride_z0, stride_z1, eps, B,
-                    D: tl.constexpr, BD: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
-    """GATED: x / rms(x) * w * SiLU(z) (the delta-rule output norm); else zero-centred x / rms(x) * (1 + w).
-    PDL: a GEMV after it may launch at once (it waits for this kernel before reading; see linear.py)."""
+def rms_norm_kernel(x, stride_0, stride_1, w, out, z, stride_z0, stride_z1, eps, B, R,
+                    D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+    """Rows [BR] of R: GATED: x / rms(x) * w * SiLU(z) (the delta-rule output norm); else zero-centred
+    x / rms(x) * (1 + w). BR rows a program (fixed by D: a row's math never depends on the batch), so a prompt's
+    T x 16 heads of 128 are T programs, not 16 T tiny ones. PDL: a GEMV after it may launch at once (it waits for
+    this kernel before reading; see linear.py)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    i_r = tl.program_id(0)
+    i_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    m_r = i_r < R
     i_0, i_1 = (i_r // B).to(tl.int64), i_r % B
     o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_x = tl.load(x + i_0 * stride_0 + i_1 * stride_1 + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_x = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=0) / D + eps)
-    b_w = tl.load(w + o_d, mask=m_d, other=0.).to(tl.float32)
+    m = m_r[:, None] & (o_d < D)[None, :]
+    b_x = tl.load(x + (i_0 * stride_0 + i_1 * stride_1)[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_x = b_x * tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)[:, None]
+    b_w = tl.load(w + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
     if GATED:
-        b_z = tl.load(z + i_0 * stride_z0 + i_1 * stride_z1 + o_d, mask=m_d, other=0.).to(tl.float32)
+        b_z = tl.load(z + (i_0 * stride_z0 + i_1 * stride_z1)[:, None] + o_d[None, :], mask=m, other=0.)
+        b_z = b_z.to(tl.float32)
         b_x = b_x * b_w * b_z * tl.sigmoid(b_z)
     else:
         b_x = b_x * (1. + b_w)
-    tl.store(out + i_r.to(tl.int64) * D + o_d, b_x.to(out.dtype.element_ty), mask=m_d)
+    tl.store(out + i_r.to(tl.int64)[:, None] * D + o_d[None, :], b_x.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -104,13 +108,18 @@ def _warps(bd: int) -> int:
     return 4 if bd >= 1024 else 1
 
 
+def _rows_per_program(bd: int) -> int:
+    return max(1, 2048 // bd)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm x / rms(x) * (1 + w) of [R, D] or [R, B, D] rows."""
     r0, b, s0, s1 = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(x.shape[-1])
-    rms_norm_kernel[(r0 * b,)](x, s0, s1, weight, out, x, 0, 0, eps, b, D=x.shape[-1], BD=bd, GATED=False,
-                               PDL=pdl(x), num_warps=_warps(bd))
+    br = _rows_per_program(bd)
+    rms_norm_kernel[(triton.cdiv(r0 * b, br),)](x, s0, s1, weight, out, x, 0, 0, eps, b, r0 * b, D=x.shape[-1],
+                                                BD=bd, BR=br, GATED=False, PDL=pdl(x), num_warps=_warps(bd * br))
     return out
 
 
@@ -120,8 +129,9 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     _, _, z0, z1 = _rows(z)
     out = torch.empty(x.shape, dtype=z.dtype, device=x.device)
     bd = triton.next_power_of_2(x.shape[-1])
-    rms_norm_kernel[(r0 * b,)](x, s0, s1, weight, out, z, z0, z1, eps, b, D=x.shape[-1], BD=bd, GATED=True,
-                               PDL=pdl(x), num_warps=_warps(bd))
+    br = _rows_per_program(bd)
+    rms_norm_kernel[(triton.cdiv(r0 * b, br),)](x, s0, s1, weight, out, z, z0, z1, eps, b, r0 * b, D=x.shape[-1],
+                                                BD=bd, BR=br, GATED=True, PDL=pdl(x), num_warps=_warps(bd * br))
     return out
 
 

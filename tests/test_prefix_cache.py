@@ -9,8 +9,12 @@ import torch
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.cache.kv_blocks import BlockPool
 from deltaserve.cache.prefix_cache import PrefixCache, chain_hashes
+from deltaserve.cache.state_cache import KV_BLOCK, HybridCache
+from deltaserve.config import ModelConfig
+from deltaserve.engine.kv_manager import KVManager
+from deltaserve.engine.sequence import Sequence
 from drive import drive
-from tiny_models import add_mtp_weights, save_hf_model
+from tiny_models import add_mtp_weights, save_hf_model, tiny_config
 
 BS = 4  # block size of the bookkeeping tests
 
@@ -90,6 +94,52 @@ def test_chain_hashes_cover_everything_before():
 
 
 # ------------------------------------------------------------------ engines, cache on vs off ----
+
+def test_snapshots_are_copied_together_before_the_next_step_or_a_hit_reads_them():
+    """KVManager defers a step's snapshot copies to one batched copy per dtype (bf16 conv windows, float32
+    delta-rule states) at flush; a snapshot slot captured twice takes the last capture; an admission whose hit
+    reads a snapshot not copied yet copies the pending ones first."""
+    cfg = ModelConfig.from_dict(dict(tiny_config("qwen3_next"), model_type="qwen3_next"))
+    cache = HybridCache(cfg, 4, 64, torch.bfloat16, extra_state_slots=2)
+    g = torch.Generator().manual_seed(0)
+    for i in cfg.gdn_layers:
+        for t in cache.layer(i):
+            t.copy_(torch.randn(t.shape, generator=g))
+    kv = KVManager(cache, 64, 0, [4, 5], grid=32)
+
+    def running(slot: int, tokens: list[int]) -> Sequence:
+        seq = Sequence(f"s{slot}", tokens, SamplingParams(max_tokens=4), 4)
+        seq.slot = slot
+        assert kv.admit(seq)
+        kv.extend(seq, len(tokens))
+        seq.num_computed = len(tokens)
+        return seq
+
+    def state(slot: int) -> list[torch.Tensor]:
+        return [t[slot].clone() for i in cfg.gdn_layers for t in cache.layer(i)]
+
+    a, b = running(0, rand_tokens(2 * KV_BLOCK, 1)), running(1, rand_tokens(2 * KV_BLOCK, 2))
+    want_a, want_b = state(0), state(1)
+    before = state(4) + state(5)
+    kv.snapshot(a, 2 * KV_BLOCK)
+    kv.snapshot(b, 2 * KV_BLOCK)
+    assert all(torch.equal(x, y) for x, y in zip(state(4) + state(5), before))  # nothing copied yet
+    kv.flush()
+    for seq, want in ((a, want_a), (b, want_b)):  # each snapshot holds its owner's state
+        snap = kv.prefix.lookup(seq.prompt_ids + [7], len(seq.prompt_ids))[0].snapshot
+        assert snap.slot in (4, 5) and all(torch.equal(x, y) for x, y in zip(state(snap.slot), want))
+    c = running(2, rand_tokens(2 * KV_BLOCK, 3))
+    kv.snapshot(c, 2 * KV_BLOCK)  # evicts the least recently used snapshot and takes its slot: a pending copy
+    want_c = state(2)
+    cache.layer(cfg.gdn_layers[0])[1][2].zero_()  # slot 2 moves on before anything copies: the copy reads it then
+    hit = Sequence("again", c.prompt_ids + [1, 2, 3], SamplingParams(max_tokens=4), 4)
+    hit.slot = 3
+    taken = kv.prefix.lookup(hit.prompt_ids, len(hit.prompt_ids) - 1)[0].snapshot.slot
+    assert kv.admit(hit) and hit.num_computed == 2 * KV_BLOCK  # the hit copies the pending snapshot first
+    assert all(torch.equal(x, y) for x, y in zip(state(3), state(taken)))
+    assert torch.equal(state(3)[1], state(2)[1])
+    assert not torch.equal(state(3)[1], want_c[1])  # the state at the copy, not at capture (flush is the contract)
+
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):

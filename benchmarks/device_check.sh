@@ -19,7 +19,7 @@
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
 #   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
-#   decode-fused the same with the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE on)
+#   decode-unfused the same without the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE off)
 #   quant-bench  benchmarks/bench_cuda_quant.py (issue 16: decode vs roofline per format, GEMV bandwidth)
 #   prefix       benchmarks/bench_prefix_cache.py --device cuda --dtype float32 --turns 8 --rounds 2 (issue 18)
 set -uo pipefail
@@ -54,9 +54,9 @@ run_step() {
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
-    decode-fused) (cd benchmarks && step decode-fused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys
+    decode-unfused) (cd benchmarks && step decode-unfused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys
 import deltaserve.kernels.triton.linear as linear
-linear.ADD_NORM_PROLOGUE = True
+linear.ADD_NORM_PROLOGUE = False
 sys.argv = ['bench_cuda.py', '--configs', 'qwen3.5-0.8b', '--nps', '1', '64', '--no-hf']
 runpy.run_path('bench_cuda.py', run_name='__main__')") ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;

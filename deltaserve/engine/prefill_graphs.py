@@ -156,9 +156,11 @@ class PrefillGraphs:
         inputs = torch.zeros(flat.size, dtype=torch.long, device=self.device)
         batch = static_batch(shape, inputs, (self.cache.max_num_seqs, self.cache.num_slots), self.cache.block_table)
         graph = Graph(None, batch, torch.zeros(flat.size, dtype=torch.long, pin_memory=True), inputs)
-        warm = flat.copy()
-        warm[2 * (d + t):3 * (d + t) + n] = -1  # every token and segment in slot -1: the warm-up touches no state
-        graph.host.numpy()[:] = warm
+        warm = torch.from_numpy(flat.copy())
+        view = static_batch(shape, warm, (0, 0), None)
+        view.token_slots.fill_(-1)  # every token and segment in slot -1: the warm-up (run, not captured) touches
+        view.slots.fill_(-1)  # no state
+        graph.host.copy_(warm)
         graph.inputs.copy_(graph.host)
         with _fla_tensor_cache_off():
             graph.graph = capture(lambda: self._forward(batch), self.pool)

@@ -263,7 +263,8 @@ def test_swiglu_gemv_matches_float64(i, k, check):
 @pytest.mark.parametrize("i,k", [(3584, 1024), (512, 2048), (37, 384)], ids=str)
 def test_add_norm_swiglu_matches_separate_kernels(i, k, check, monkeypatch):
     """The residual add + RMSNorm in the SwiGLU GEMV's prologue (one launch) against the add + norm kernel and then
-    the SwiGLU GEMV: the same residual stream bit for bit, the same MLP input half up to bf16 rounding."""
+    the SwiGLU GEMV: the same residual stream and MLP input half bit for bit (a row alone takes the fused launch,
+    rows among others the two kernels: a sequence's result must not depend on that)."""
     from deltaserve.kernels.triton import linear
     monkeypatch.setattr(linear, "ADD_NORM_PROLOGUE", True)
     bf16 = torch.bfloat16
@@ -276,8 +277,7 @@ def test_add_norm_swiglu_matches_separate_kernels(i, k, check, monkeypatch):
         total, h = kernels.add_rms_norm(x, y, norm)
         want = kernels.swiglu_gemv(h, w)
         got = kernels.add_norm_swiglu(x, y, norm, w)
-        assert got is not None and torch.equal(got[0], total)
-        check(f"add + norm + swiglu gemv i{i} k{k} bfloat16", got[1], want, TOL[bf16])
+        assert got is not None and torch.equal(got[0], total) and torch.equal(got[1], want)
 
 
 @pytest.mark.parametrize("h,dh,n", [(16, 128, 2048), (32, 128, 2048), (3, 128, 100), (4, 256, 2048)], ids=str)

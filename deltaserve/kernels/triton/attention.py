@@ -105,7 +105,7 @@ def decode_merge_kernel(o_part, lse_part, out, D: tl.constexpr, BD: tl.constexpr
     tl.store(out + i_bh * D + o_d, res.to(out.dtype.element_ty), mask=o_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["FIRST", "NT"])  # counts that vary by step: one compile
 def prefill_kernel(q, stride_qt, stride_qh, k_cache, v_cache, block_table, MB, out, cu_seqlens, slots, positions,
                    chunks, FIRST, NT, scale, H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                    BS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):

@@ -72,7 +72,7 @@ def causal_conv_kernel(
         tl.store(p_win + o_i[:, None] * C + o_c[None, :], b_new, mask=m_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # any step length: one compile, not one per T % 16
 def conv_tiles_kernel(x, stride_x, w, pool, out, token_segment, cu_seqlens, slots, reset, T, C,
                       K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """Rows [BT] x channels [BC] of conv + SiLU; taps before a row's segment start read its slot's old window."""

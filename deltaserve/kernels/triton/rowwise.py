@@ -19,7 +19,7 @@ from triton.language.extra import libdevice
 from .linear import pdl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])  # any row count: one compile
 def rms_norm_kernel(x, stride_0, stride_1, w, out, z, stride_z0, stride_z1, eps, B, R,
                     D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
     """Rows [BR] of R: GATED: x / rms(x) * w * SiLU(z) (the delta-rule output norm); else zero-centred

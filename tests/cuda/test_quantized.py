@@ -66,22 +66,61 @@ def test_int8_gemv_matches_rounded_x(fmt, n, k, asm, check, monkeypatch):
     assert torch.equal(qlinear(x, w), out.bfloat16())
 
 
+@pytest.mark.parametrize("t", [9, 40, 200])
+@pytest.mark.parametrize("fmt", qi.I8_FORMATS)
+def test_int8_gemm_matches_rounded_x_and_the_gemv(fmt, t, check, monkeypatch):
+    """More than 8 bf16 rows on int8 x (qlinear.qgemm_i8, exact integer products per 32 on tensor cores): within float
+    rounding of float64 products of the int8-rounded x and the dequantized weights, and of the GEMV's result for the
+    same rows (so a row's result does not move when its step crosses 8 rows); a row the same in any batch."""
+    monkeypatch.setattr(ql, "I8_GEMV", True)
+    g = torch.Generator().manual_seed(t)
+    w = quantize_planar(torch.randn(384, 2048, generator=g).cuda(), fmt, torch.bfloat16)
+    x = (torch.randn(t, 2048, generator=g) * torch.rand(t, 2048, generator=g) * 4).cuda().bfloat16()
+    x[0, :32] = 0
+    out = torch.empty(t, 384, device="cuda")
+    ql.qgemm_i8(qi.quantize_x(x, False), w.segments[0], out)
+    check(f"int8 gemm {fmt} t{t}", out, qi.rounded_x(x).double() @ w.dequantize().double().T, 1e-6)
+    gemv = torch.empty(8, 384, device="cuda")
+    qi.qgemv_i8(qi.quantize_x(x[:8], fmt != "q8_0"), w.segments[0], gemv)
+    check(f"int8 gemm vs gemv {fmt} t{t}", out[:8], gemv, 1e-6)
+    tail = torch.empty(9, 384, device="cuda")
+    ql.qgemm_i8(qi.quantize_x(x[-9:].contiguous(), False), w.segments[0], tail)
+    assert torch.equal(tail, out[-9:])
+    assert torch.equal(ql.qlinear(x, w), out.bfloat16())
+
+
+def bf16_moe_case(fmt: str, tokens: int, seed: int):
+    """(x [tokens, 1024], sparse_moe's other arguments) of a random MoE block on quantized bf16 stacks."""
+    e, i, d, s, top = 16, 512, 1024, 512, 4
+    g = torch.Generator().manual_seed(seed)
+    q = {n: quantize_planar(torch.randn(*shape, generator=g).cuda() / shape[-1] ** 0.5, fmt, torch.bfloat16)
+         for n, shape in [("gu", (e, 2 * i, d)), ("dn", (e, d, i)), ("sgu", (2 * s, d)), ("sdn", (d, s))]}
+    router, sg = torch.randn(e, d, generator=g).cuda().bfloat16(), torch.randn(1, d, generator=g).cuda().bfloat16()
+    x = torch.randn(tokens, d, generator=g).cuda().bfloat16()
+    return x, (router, q["gu"], q["dn"], q["sgu"], q["sdn"], sg, top, True)
+
+
 @pytest.mark.parametrize("fmt", qi.I8_FORMATS)
 def test_moe_pairs_on_int8_x(fmt, check, monkeypatch):
     """The few-token MoE block on quantized stacks with int8 x: each token the same alone and among 5, and within
     the error of two activation roundings (tokens, then the SwiGLU rows) of the float path."""
-    e, i, d, s, top = 16, 512, 1024, 512, 4
-    g = torch.Generator().manual_seed(3)
-    q = {n: quantize_planar(torch.randn(*shape, generator=g).cuda() / shape[-1] ** 0.5, fmt, torch.bfloat16)
-         for n, shape in [("gu", (e, 2 * i, d)), ("dn", (e, d, i)), ("sgu", (2 * s, d)), ("sdn", (d, s))]}
-    router, sg = torch.randn(e, d, generator=g).cuda().bfloat16(), torch.randn(1, d, generator=g).cuda().bfloat16()
-    x = torch.randn(5, d, generator=g).cuda().bfloat16()
-    rest = (router, q["gu"], q["dn"], q["sgu"], q["sdn"], sg, top, True)
+    x, rest = bf16_moe_case(fmt, 5, 3)
     want = torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(5)])
     monkeypatch.setattr(ql, "I8_GEMV", True)
     got = sparse_moe(x, *rest)
     assert torch.equal(got, torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(5)]))
     check(f"moe pairs int8 x {fmt}", got, want, 3e-2)
+
+
+@pytest.mark.parametrize("fmt", qi.I8_FORMATS)
+def test_moe_grouped_on_int8_x_matches_the_tokens_alone(fmt, check, monkeypatch):
+    """12 tokens (the grouped matmuls, moe.py) on int8 x: each token within float rounding of its own few-token run
+    (the pairs on int8 x), not the ~1e-2 of x's rounding, so a token's result does not move when its step crosses 8
+    tokens (Triton's interpreter, fp16: equal for q8_0 / q4_k, 6.7e-6 for q6_k)."""
+    x, rest = bf16_moe_case(fmt, 12, 4)
+    monkeypatch.setattr(ql, "I8_GEMV", True)
+    check(f"moe grouped int8 x vs tokens alone {fmt}", sparse_moe(x, *rest),
+          torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(12)]), 1e-3)
 
 
 def test_qlinear_rows_do_not_depend_on_the_batch():

@@ -15,7 +15,9 @@ replaces 1-5: router GEMV per token, route, then each (token, expert) pair and e
 expert as its own GEMV rows (gate/up with SiLU * up, then down scaled by the routing weight), and a
 combine that computes the shared gate's dot itself: 5 launches instead of 11, no counts or layout,
 and every token computed independently of the others (bit for bit the same alone or in a batch).
-Quantized expert stacks (PlanarWeight): the matmuls dequantize W's tiles in registers (qlinear.w_tile).
+Quantized expert stacks (PlanarWeight): the matmuls dequantize W's tiles in registers (qlinear.w_tile), or with
+qlinear.I8_GEMV take int8 x (the tokens, then the SwiGLU rows, quantized per 32) and integer products
+(qlinear.i8_group), as the few-token path does.
 Reference: `SparseMoE.forward` on CPU (layers/feed_forward.py).
 """
 
@@ -26,9 +28,10 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
-from .moe_pairs import PAIR_GEMV_TOKENS, few_tokens
+from .moe_pairs import PAIR_GEMV_TOKENS, few_tokens, takes_i8_stacks
 from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
-from .qlinear import block_k, w_tile
+from .qgemv_i8 import quantize_x
+from .qlinear import block_k, i8_group, i8_rows, w_tile
 
 
 @triton.jit
@@ -62,11 +65,12 @@ def grouped_matmul_kernel(
     a, stride_a, pairs, w, stride_we, stride_wn, ws, wq2, wd, out, stride_o, pair_scale, expert_start, block_expert,
     block_start, N, KD: tl.constexpr, E, TOP_K,
     GATED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    FMT: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr,
+    FMT: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr, xd=None, xs=None, I8: tl.constexpr = False,
 ):
     """GATED: rows of `a` gathered by pair (token = pair // K), out = SiLU(a W_gate^T) * (a W_up^T) in expert
     order; else a in expert order, out = (a W^T) * pair_scale stored at the pair's own row.
-    FMT > 0: W is quantized (planes w, ws, wq2, wd of an [E, rows, KD] stack; see qlinear.w_tile)."""
+    FMT > 0: W is quantized (planes w, ws, wq2, wd of an [E, rows, KD] stack; see qlinear.w_tile). I8: `a` is its
+    rows' int8 codes (with scales xd and sums xs, as quantize_x gives them), 32 columns a step (qlinear.i8_group)."""
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert + i_m)
     if e < E:  # blocks past the last expert's rows are spare (the grid is sized for the worst case)
@@ -81,21 +85,28 @@ def grouped_matmul_kernel(
         rows = e.to(tl.int64) * (2 * N if GATED else N) + tl.minimum(o_n, N - 1)  # quantized: rows of the stack
         acc = tl.zeros([BM, BN], tl.float32)
         acc_up = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, KD, BK):
-            o_k = k0 + tl.arange(0, BK)
-            m_k = o_k < KD
-            b_a = tl.load(a + src[:, None] * stride_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.)
-            if FMT == 0:
-                b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)  # [BN, BK]
-            else:
-                b_w = w_tile(w, ws, wq2, wd, rows, k0, KD, FMT, BK, GS, RB).to(b_a.dtype)
-            acc = tl.dot(b_a, tl.trans(b_w), acc, input_precision=PREC)
-            if GATED:  # rows [gate (N) | up (N)] of W[e]
+        if I8:
+            for k0 in range(0, KD, 32):
+                b_a, x_d, x_sum = i8_rows(a, xd, xs, src, m_m, k0, KD)
+                acc += i8_group(b_a, x_d, x_sum, w, ws, wq2, wd, rows, k0, KD, FMT)
+                if GATED:
+                    acc_up += i8_group(b_a, x_d, x_sum, w, ws, wq2, wd, rows + N, k0, KD, FMT)
+        else:
+            for k0 in range(0, KD, BK):
+                o_k = k0 + tl.arange(0, BK)
+                m_k = o_k < KD
+                b_a = tl.load(a + src[:, None] * stride_a + o_k[None, :], mask=m_m[:, None] & m_k[None, :], other=0.)
                 if FMT == 0:
-                    b_u = tl.load(p_w + N * stride_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)
+                    b_w = tl.load(p_w + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)  # [BN, BK]
                 else:
-                    b_u = w_tile(w, ws, wq2, wd, rows + N, k0, KD, FMT, BK, GS, RB).to(b_a.dtype)
-                acc_up = tl.dot(b_a, tl.trans(b_u), acc_up, input_precision=PREC)
+                    b_w = w_tile(w, ws, wq2, wd, rows, k0, KD, FMT, BK, GS, RB).to(b_a.dtype)
+                acc = tl.dot(b_a, tl.trans(b_w), acc, input_precision=PREC)
+                if GATED:  # rows [gate (N) | up (N)] of W[e]
+                    if FMT == 0:
+                        b_u = tl.load(p_w + N * stride_wn + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)
+                    else:
+                        b_u = w_tile(w, ws, wq2, wd, rows + N, k0, KD, FMT, BK, GS, RB).to(b_a.dtype)
+                    acc_up = tl.dot(b_a, tl.trans(b_u), acc_up, input_precision=PREC)
         if GATED:
             acc = acc * tl.sigmoid(acc) * acc_up
             dst = o_m.to(tl.int64)
@@ -121,18 +132,21 @@ def expert_layout(experts: torch.Tensor, counts: torch.Tensor, fill: torch.Tenso
     return pairs, expert_start, block_expert, block_start, bm
 
 
-def grouped_matmul(a, w, n, layout, top_k, pair_scale=None):
+def grouped_matmul(a, w, n, layout, top_k, pair_scale=None, int8_x: bool = False):
+    """int8_x: a's rows quantized per 32 first (quantize_x) and W's products integer ones (qlinear.i8_group)."""
     pairs, expert_start, block_expert, block_start, bm = layout
     out = torch.empty(pairs.shape[0], n, dtype=a.dtype, device=a.device)
     fp32 = a.dtype == torch.float32
     bn, bk = 32 if fp32 or bm == 16 else 64, 32 if fp32 else 64  # narrow blocks: more programs at decode
     if isinstance(w, PlanarWeight):
         bk = block_k(w.fmt, a.shape[1], bk)
+    xq = quantize_x(a, False) if int8_x else None
     grouped_matmul_kernel[(block_expert.shape[0], triton.cdiv(n, bn))](
-        a, a.stride(0), pairs, out=out, stride_o=out.stride(0), pair_scale=pair_scale if pair_scale is not None else a,
-        expert_start=expert_start, block_expert=block_expert, block_start=block_start, N=n, KD=a.shape[1],
-        E=w.shape[0], TOP_K=top_k, GATED=pair_scale is None, BM=bm, BN=bn, BK=bk, PREC="ieee" if fp32 else "tf32",
-        num_warps=4, **stack_args(w, bk))
+        a if xq is None else xq[0].view(torch.int8), a.stride(0), pairs, out=out, stride_o=out.stride(0),
+        pair_scale=pair_scale if pair_scale is not None else a, expert_start=expert_start, block_expert=block_expert,
+        block_start=block_start, N=n, KD=a.shape[1], E=w.shape[0], TOP_K=top_k, GATED=pair_scale is None, BM=bm,
+        BN=bn, BK=bk, PREC="ieee" if fp32 else "tf32", num_warps=4, xd=None if xq is None else xq[1],
+        xs=None if xq is None else xq[2], I8=int8_x, **stack_args(w, bk))
     return out
 
 
@@ -149,8 +163,9 @@ def sparse_moe(x: torch.Tensor, router: torch.Tensor, gate_up, down, shared_gate
     work = torch.zeros(2, e, dtype=torch.int32, device=x.device)  # pair counts and fill per expert
     weights, experts = route(linear(x, router), top_k, norm_topk, work[0])
     layout = expert_layout(experts.view(-1), work[0], work[1])
-    hidden = grouped_matmul(x, gate_up, gate_up.shape[1] // 2, layout, top_k)  # [P, I], expert order
-    y = grouped_matmul(hidden, down, d, layout, top_k, pair_scale=weights.view(-1))  # [P, D], pair order
+    i8 = takes_i8_stacks(x, gate_up, down)  # int8 x as the few-token path has it (moe_pairs.py)
+    hidden = grouped_matmul(x, gate_up, gate_up.shape[1] // 2, layout, top_k, int8_x=i8)  # [P, I], expert order
+    y = grouped_matmul(hidden, down, d, layout, top_k, pair_scale=weights.view(-1), int8_x=i8)  # [P, D], pair order
     shared = shared_expert(x, shared_gate_up, shared_down)
     out = torch.empty_like(x)
     bd = min(1024, triton.next_power_of_2(d))

@@ -150,7 +150,7 @@ def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gat
     weights, experts = route(logits, top_k, norm_topk, None)
     p = t * top_k
     hidden = torch.empty(p + t if fused else p, i, dtype=x.dtype, device=x.device)  # [pairs (+ shared rows), I]
-    i8 = _takes_i8(x, gate_up, down)
+    i8 = takes_i8_stacks(x, gate_up, down)
     _pair_gemv(x, experts, weights, gate_up, shared_gate_up if fused else None, hidden, i, p, top_k, PAIR_BN,
                i8_blocks(gate_up.fmt, d)[1] if i8 else bk_in, gated=True, int8_x=i8)
     y = torch.empty(p + t, d, dtype=x.dtype, device=x.device)
@@ -168,10 +168,11 @@ def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gat
     return out
 
 
-def _takes_i8(x: torch.Tensor, gate_up, down) -> bool:
-    """Whether the pairs run on int8 x (qgemv_i8.py): bf16/fp16 tokens, both stacks in a format it computes on."""
+def takes_i8_stacks(x: torch.Tensor, gate_up, down) -> bool:
+    """Whether the MoE block runs on int8 x (qgemv_i8.py): bf16/fp16 tokens, both stacks in a format it computes on."""
     return ql.I8_GEMV and x.dtype in (torch.bfloat16, torch.float16) and all(
-        isinstance(w, PlanarWeight) and w.fmt in I8_FORMATS and i8_blocks(w.fmt, w.shape[-1])[1] for w in (gate_up, down))
+        isinstance(w, PlanarWeight) and w.fmt in I8_FORMATS and i8_blocks(w.fmt, w.shape[-1])[1]
+        for w in (gate_up, down))
 
 
 def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gated: bool, int8_x: bool = False):

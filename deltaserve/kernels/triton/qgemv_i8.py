@@ -11,9 +11,10 @@ with the even values in the low nibbles. So x is packed in the matching order: n
 Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV), up to I8_ROWS of them (decode
 batches), each row in programs of its own; the result differs from the float product by x's rounding to 8 bits,
 as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS. Steps of more
-rows still take the GEMM on bf16 x, so with this path on a sequence's logits would move by x's rounding (~1e-2
-relative, not ~1e-6) between decode batches of <= 8 and > 8 rows: before turning it on by default, the GEMM (and the
-MoE's grouped path) should take int8 x too (tl.dot on int8 tiles, per-32 integer sums: exact at any T).
+rows take qlinear's qgemm_i8 on the same int8 x (exact integer products per 32 on tensor cores, the same scales):
+a row's result there equals this GEMV's up to the order of float sums. The MoE's grouped path (more than 8 tokens)
+still takes bf16 x, so on MoE models a token's result moves by x's rounding (~1e-2) between steps of <= 8 and > 8
+tokens: I8_GEMV stays off until that path takes int8 x too.
 """
 
 from __future__ import annotations
@@ -190,13 +191,13 @@ def planes_i8(seg: PlanarSegment) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
             seg.d if seg.d is not None else seg.s)
 
 
-I8_ROWS = 8  # up to this many rows (decode batches) take the integer GEMV, each row by itself; more: the GEMM
+I8_ROWS = 8  # up to this many rows (decode batches) take the integer GEMV, each row by itself; more: qgemm_i8
 
 
 def takes_i8(x: torch.Tensor, seg: PlanarSegment) -> bool:
-    """Whether the product of x and seg takes this path: up to I8_ROWS bf16/fp16 rows, a GGUF format, K in whole
-    blocks."""
-    return x.shape[0] <= I8_ROWS and x.dtype in (torch.bfloat16, torch.float16) and seg.fmt in I8_FORMATS and \
+    """Whether the product of x and seg takes int8 x (this GEMV up to I8_ROWS rows, qlinear's qgemm_i8 beyond):
+    bf16/fp16 rows, a GGUF format, K in whole blocks."""
+    return x.dtype in (torch.bfloat16, torch.float16) and seg.fmt in I8_FORMATS and \
         i8_blocks(seg.fmt, x.shape[1])[1] > 0
 
 

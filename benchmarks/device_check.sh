@@ -10,8 +10,8 @@
 #   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
 #   i8           the integer (int8 x, dp4a) GEMV and MoE-pair tests of tests/cuda/test_quantized.py
 #   sweep        benchmarks/bench_cuda_quant.py --sweep --no-model (issue 16: GEMV variants per format and shape)
-#   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode with and without the int8-x
-#                GEMV, each decode graph's kernels by device time)
+#   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode and prefill with and without
+#                int8 x: the GEMV, the GEMM, the MoE; each decode graph's kernels by device time)
 #   kernels      tests/cuda/test_state_kernels.py + test_layer_kernels.py (the delta rule, conv, attention, GEMVs)
 #   kernels-quick  of those: attention, the bf16 delta-rule layer cases, the norms
 #   attn-bench   benchmarks/bench_cuda_kernels.py attention (decode and prefill attention against gather + SDPA)

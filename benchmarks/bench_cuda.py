@@ -11,7 +11,8 @@ Configs with real layer dimensions and RANDOM bf16 weights (HF's initialisation,
   top-10 of width 512 + a shared expert of 512, vocab 151936.
 deltaserve's model is built from the HF model's tensors (shared storage where layouts agree).
 
-Per config: decode step time at np = 1, 8, 64, 256 (LLMEngine.step of greedy requests, CUDA graphs; context
+Per config: time to first token of a 128-token prompt and of 64 such prompts at once (prefill graphs on), decode
+step time at np = 1, 8, 64, 256 (LLMEngine.step of greedy requests, CUDA graphs; context
 128-140 tokens), with overlap_decode (the default: step N+1 launched before step N's tokens are read) and
 without it (each step waits for its tokens before the next is built), and a bare replay of that step's graph,
 prefill tokens/s (4 x 1024 tokens in one step), the HBM roofline of each decode step and the ratio to it,
@@ -70,6 +71,31 @@ def sync_time(fn, reps: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    return torch.randint(vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ttft(engine: LLMEngine, prompt: list[int], tag: str) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, temperature=0))
+    while not any(o.token_ids for o in engine.step()):
+        pass
+    return time.perf_counter() - start
+
+
+def batch_time(engine: LLMEngine, batch: list[list[int]], tag: str) -> float:
+    """Seconds from adding every prompt to every first token (max_tokens=1)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, p in enumerate(batch):
+        engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=1, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def copy_bandwidth() -> float:
@@ -199,8 +225,36 @@ def run_config(name: str, bandwidth: float, hf_too: bool, nps: list[int]) -> dic
         ids = prompts.cuda()
         res["hf_prefill_tps"] = n * length / prefill(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1))
         res["hf_experts"] = getattr(hf.config, "_experts_implementation", None)
+    res.update(first_tokens(ours, cfg, hf if hf_too else None))
     print(name, {k: v for k, v in res.items() if k != "decode"}, flush=True)
     return res
+
+
+def first_tokens(model: HybridModel, cfg: ModelConfig, hf) -> dict:
+    """Time to first token of one 128-token prompt and of 64 at once (add_request to every first token; best of a
+    few), on an engine of the defaults (token budget) with prefill graphs on, warmed until its graphs are
+    captured; HF (when given): one forward of the same shape and the argmax read back."""
+    engine = LLMEngine(model, cfg, max_num_seqs=64, max_model_len=PROMPT + 64, device="cuda", prefill_graphs=True)
+    v = cfg.vocab_size
+    for i in range(3):  # compile, autotune, capture
+        ttft(engine, prompts(1, PROMPT, v, 100 + i)[0], f"warm{i}")
+        batch_time(engine, prompts(64, PROMPT, v, 200 + i), f"warmb{i}")
+    res = {"ttft_ms": min(ttft(engine, prompts(1, PROMPT, v, i)[0], f"t{i}") for i in range(5)) * 1e3,
+           "batch64_ms": min(batch_time(engine, prompts(64, PROMPT, v, 20 + i), f"b{i}") for i in range(3)) * 1e3}
+    for key, n in (("hf_ttft_ms", 1), ("hf_batch64_ms", 64)) if hf is not None else ():
+        ids = torch.tensor(prompts(n, PROMPT, v, 5), device="cuda")
+
+        def first(ids=ids):
+            return hf(input_ids=ids, use_cache=True, logits_to_keep=1).logits.argmax(-1).tolist()
+        first()
+        res[key] = sync_time(first, 3) * 1e3
+    return res
+
+
+def ratio(r: dict, key: str) -> tuple[str, str]:
+    """(HF's time, HF's / ours) for a result key, dashes without HF."""
+    theirs = r.get("hf_" + key)
+    return ("-", "-") if theirs is None else (f"{theirs:.2f}", f"{theirs / r[key]:.2f}x")
 
 
 def table(results: list[dict], bandwidth: float) -> str:
@@ -221,6 +275,12 @@ def table(results: list[dict], bandwidth: float) -> str:
         for d in r["decode"]:
             lines.append(f"| {r['config']} | {d['np']} | {d['sampled_ms']:.3f} | {d['sampled_sync_ms']:.3f} | "
                          f"{d['ours_ms']:.3f} |")
+    lines += ["", f"Time to first token (prefill graphs on; {PROMPT}-token prompts):", "",
+              "| config | 1 prompt ms | HF ms | HF / deltaserve | 64 prompts ms | HF ms | HF / deltaserve |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{r['ttft_ms']:.2f}", *ratio(r, "ttft_ms"), f"{r['batch64_ms']:.2f}", *ratio(r, "batch64_ms")]
+        lines.append(f"| {r['config']} | {' | '.join(cells)} |")
     lines += ["", "| config | prefill t/s deltaserve | prefill t/s HF | eager np=1 ms (no graphs) | "
               "top-1 agreement with HF (64 tokens) |", "|---|---|---|---|---|"]
     for r in results:

@@ -19,41 +19,15 @@ import argparse
 import cProfile
 import datetime
 import pstats
-import time
 
 import torch
 
-from bench_cuda import CONFIGS, build, sync_time
+from bench_cuda import CONFIGS, batch_time, build, prompts, sync_time, ttft
 from common import commit
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.forward_batch import Segment
 
 CONFIG = CONFIGS["qwen3.5-0.8b"]
-
-
-def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    return torch.randint(vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def ttft(engine: LLMEngine, prompt: list[int], tag: str) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, temperature=0))
-    while not any(o.token_ids for o in engine.step()):
-        pass
-    return time.perf_counter() - start
-
-
-def batch_time(engine: LLMEngine, batch: list[list[int]], tag: str) -> float:
-    """Seconds from adding every prompt to every first token (max_tokens=1)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i, p in enumerate(batch):
-        engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=1, temperature=0))
-    while engine.has_unfinished_requests():
-        engine.step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def profiled(fn):

@@ -7,7 +7,7 @@ from deltaserve.cache.slot_table import SlotTable
 from deltaserve.forward_batch import GROUP_FIELDS, TENSOR_FIELDS, BatchError, Segment, build_batch
 from deltaserve.transfer import packed, unpacked
 from deltaserve.engine.batch import decompose_tokens
-from deltaserve.engine.prefill_graphs import bucket, decode_rows, layout, static_batch
+from deltaserve.engine.prefill_graphs import bucket, decode_rows, layout, slotless, static_batch
 from deltaserve.kernels import reference
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence, Status
@@ -107,6 +107,10 @@ def test_prefill_graph_layout_pads_with_slotless_rows():
     assert batch.token_segment.tolist() == same.token_segment.tolist()
     assert index.tolist() == same.chunk_meta(2)[1].tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
     assert batch.cu_seqlens.tolist() == same.cu_seqlens.tolist()
+    warm = static_batch(shape, slotless(shape, flat), (8, 8), None)  # the capture's warm-up: no slot's state
+    assert set(warm.token_slots.tolist()) == set(warm.slots.tolist()) == {-1}
+    for name in ("input_ids", "positions", "token_segment", "cu_seqlens", "reset", "logits_index"):
+        assert torch.equal(getattr(warm, name), getattr(batch, name)), name
     shape, flat, where = layout([segs[0], segs[2]], 0, 80)  # no padding where the tokens fill the bucket
     assert shape == (0, 80, 2, 3) and where == [0, 1] and flat.size == 4 * 80 + 5 * 2 + 2 + 2 * 3
 

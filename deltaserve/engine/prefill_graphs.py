@@ -100,6 +100,15 @@ def static_batch(shape: Shape, inputs: torch.Tensor, num_slots: tuple[int, int],
         block_table=block_table, derived={("chunks", d, CHUNK): (cu_pre, index.view(nt, 2))})
 
 
+def slotless(shape: Shape, flat: np.ndarray) -> torch.Tensor:
+    """A step's static inputs with every token and segment in slot -1 (the rest as `flat`)."""
+    inputs = torch.from_numpy(flat.copy())
+    batch = static_batch(shape, inputs, (0, 0), None)
+    batch.token_slots.fill_(-1)
+    batch.slots.fill_(-1)
+    return inputs
+
+
 @dataclass
 class Graph:
     graph: torch.cuda.CUDAGraph | None
@@ -156,11 +165,7 @@ class PrefillGraphs:
         inputs = torch.zeros(flat.size, dtype=torch.long, device=self.device)
         batch = static_batch(shape, inputs, (self.cache.max_num_seqs, self.cache.num_slots), self.cache.block_table)
         graph = Graph(None, batch, torch.zeros(flat.size, dtype=torch.long, pin_memory=True), inputs)
-        warm = torch.from_numpy(flat.copy())
-        view = static_batch(shape, warm, (0, 0), None)
-        view.token_slots.fill_(-1)  # every token and segment in slot -1: the warm-up (run, not captured) touches
-        view.slots.fill_(-1)  # no state
-        graph.host.copy_(warm)
+        graph.host.copy_(slotless(shape, flat))  # the warm-up (run, not captured) touches no state
         graph.inputs.copy_(graph.host)
         with _fla_tensor_cache_off():
             graph.graph = capture(lambda: self._forward(batch), self.pool)

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from common import commit
+from common import batch_time, commit, prompts, ttft
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.config import ModelConfig
 from deltaserve.forward_batch import Segment
@@ -71,31 +71,6 @@ def sync_time(fn, reps: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
-
-
-def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    return torch.randint(vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def ttft(engine: LLMEngine, prompt: list[int], tag: str) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, temperature=0))
-    while not any(o.token_ids for o in engine.step()):
-        pass
-    return time.perf_counter() - start
-
-
-def batch_time(engine: LLMEngine, batch: list[list[int]], tag: str) -> float:
-    """Seconds from adding every prompt to every first token (max_tokens=1)."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i, p in enumerate(batch):
-        engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=1, temperature=0))
-    while engine.has_unfinished_requests():
-        engine.step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def copy_bandwidth() -> float:

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: the issue-9 size random Qwen3-Next checkpoint, machine/commit lines, timing."""
+"""Shared benchmark helpers: the issue-9 size random Qwen3-Next checkpoint, machine/commit lines, timing, time to
+first token through an engine."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from deltaserve import SamplingParams
 
 # Qwen3-Next, 338M parameters: hidden 1024, 8 layers (3:1), GDN 8 QK / 16 V heads of 128,
 # attention 8 Q / 2 KV heads of 128, 32 experts top-4 of width 256, shared expert 512, vocab 32000
@@ -48,4 +51,29 @@ def commit() -> str:
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
+    return time.perf_counter() - start
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    return torch.randint(vocab, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ttft(engine, prompt: list[int], tag: str) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=1, temperature=0))
+    while not any(o.token_ids for o in engine.step()):
+        pass
+    return time.perf_counter() - start
+
+
+def batch_time(engine, batch: list[list[int]], tag: str) -> float:
+    """Seconds from adding every prompt to every first token (max_tokens=1)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, p in enumerate(batch):
+        engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=1, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -22,8 +22,8 @@ import pstats
 
 import torch
 
-from bench_cuda import CONFIGS, batch_time, build, prompts, sync_time, ttft
-from common import commit
+from bench_cuda import CONFIGS, build, sync_time
+from common import batch_time, commit, prompts, ttft
 from deltaserve import LLMEngine, SamplingParams
 from deltaserve.forward_batch import Segment
 

@@ -50,8 +50,8 @@ def decode_rows(n: int) -> int:
 def layout(segments: list[Segment], d: int, t: int) -> tuple[Shape, np.ndarray, list[int]]:
     """The step laid out as a graph of d decode rows and t prefill tokens takes it: (its shape, its static inputs as
     one int64 array, the logits row of each segment). The array holds, in order: ids [D+T], positions [D+T], token
-    slots [D+T], token segments [D+T], slots [N], reset flags [N], cu_seqlens [N+1], logits rows [N], the prefill segments' cu_seqlens
-    counted from their first token [N-D+1] and chunk index [NT, 2] (segment, chunk within it)."""
+    slots [D+T], token segments [D+T], slots [N], reset flags [N], cu_seqlens [N+1], logits rows [N], the prefill
+    segments' cu_seqlens counted from their first token [N-D+1] and chunk index [NT, 2] (segment, chunk within it)."""
     dec = [i for i, s in enumerate(segments) if len(s.token_ids) == 1]
     pre = [i for i, s in enumerate(segments) if len(s.token_ids) > 1]
     rows = [(segments[i].token_ids, segments[i].start_pos, segments[i].slot) for i in dec]
@@ -72,8 +72,8 @@ def layout(segments: list[Segment], d: int, t: int) -> tuple[Shape, np.ndarray, 
     index = np.stack([np.repeat(np.arange(n - d), chunks), np.arange(nt) - first_chunk], axis=1)
     ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _, _ in rows])
     positions = np.arange(d + t) - np.repeat(cu[:-1] - starts, lens)
-    flat = np.concatenate([ids, positions, np.repeat(slots, lens), np.repeat(np.arange(n), lens), slots, starts == 0, cu,
-                           cu[1:] - 1, cu[d:] - d, index.reshape(-1)])
+    flat = np.concatenate([ids, positions, np.repeat(slots, lens), np.repeat(np.arange(n), lens), slots, starts == 0,
+                           cu, cu[1:] - 1, cu[d:] - d, index.reshape(-1)])
     where = [0] * len(segments)  # logits row of each segment
     for row, i in enumerate(dec + pre):
         where[i] = row if row < len(dec) else row + d - len(dec)
@@ -94,8 +94,8 @@ def static_batch(shape: Shape, inputs: torch.Tensor, num_slots: tuple[int, int],
               for kind, tokens, part in (("decode", slice(0, d), slice(0, d)), ("prefill", slice(d, d + t), slice(d, n)))
               if tokens.stop > tokens.start]
     return ForwardBatch(
-        input_ids=ids, positions=pos, token_slots=token_slots, token_segment=token_segment, cu_seqlens=cu, slots=slots,
-        reset=reset, lens=[1] * d + [t] * (n - d), start_pos=[0] * n, slot_ids=[-1] * n, snapshots=False,
+        input_ids=ids, positions=pos, token_slots=token_slots, token_segment=token_segment, cu_seqlens=cu,
+        slots=slots, reset=reset, lens=[1] * d + [t] * (n - d), start_pos=[0] * n, slot_ids=[-1] * n, snapshots=False,
         groups=groups, logits_index=rows, logits_split=[1] * n, order=list(range(n)), num_slots=num_slots,
         block_table=block_table, derived={("chunks", d, CHUNK): (cu_pre, index.view(nt, 2))})
 
@@ -158,7 +158,6 @@ class PrefillGraphs:
         return [rows[r:r + s.num_logits] for r, s in zip(where, segments)]
 
     def _capture(self, shape: Shape, flat: np.ndarray) -> None:
-        d, t, n, nt = shape
         if self.logits is None:  # decode rows padded to a captured size, the prefill segments, the padding one
             rows = decode_rows(self.cache.max_num_seqs) + self.cache.max_num_seqs + 1
             self.logits = torch.empty(rows, self.model.cfg.vocab_size, dtype=self.model.dtype, device=self.device)

@@ -17,10 +17,10 @@ from .gpu_quant import PlanarWeight
 from .quantized import QuantizedWeight, quantized_linear
 from .reference import causal_conv, gated_delta_rule
 
-__all__ = ["add_norm_swiglu", "add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding", "gated_attention_decode",
-           "gated_attention_verify", "gated_delta_net", "gated_delta_net_decode", "gated_delta_net_verify", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm",
-           "linear", "norm_rotary", "rms_norm", "mix_by_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe",
-           "swiglu_gemv"]
+__all__ = ["add_norm_swiglu", "add_rms_norm", "attention", "causal_conv", "decoder_layer_decode", "embedding",
+           "gated_attention_decode", "gated_attention_verify", "gated_delta_net", "gated_delta_net_decode",
+           "gated_delta_net_verify", "gated_delta_rule", "gated_norm_linear", "gated_rms_norm", "linear", "norm_rotary",
+           "rms_norm", "mix_by_parts", "sigmoid_gate", "sigmoid_gate_linear", "silu_mul", "sparse_moe", "swiglu_gemv"]
 
 
 def linear(x: torch.Tensor, weight, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -127,8 +127,8 @@ def test_one_graph_serves_any_slot_assignment(tiny_dirs, arch):
 def test_one_prefill_graph_serves_any_slots_and_splits(tiny_dirs, arch):
     """Steps of prompt chunks beside decodes, of one graph shape (4 decode rows, 128 prefill tokens with the padding
     segment, 8 segments, 4 chunks) with other slots, lengths and start positions each time, new prompts and
-    continued ones, 3 or 4 decodes (a padding decode row or none): captured on the shape's second sight, then replayed; logits and every
-    slot's state equal an eager run, other slots are untouched."""
+    continued ones, 3 or 4 decodes (a padding decode row or none): captured on the shape's second sight, then
+    replayed; logits and every slot's state equal an eager run, other slots are untouched."""
     eng = engine(tiny_dirs[arch], 16, budget=256)
     runner, rng = eng.runner, random.Random(2)
     graphs, runner.prefill_graphs = runner.prefill_graphs, None

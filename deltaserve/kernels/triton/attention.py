@@ -171,7 +171,8 @@ def prefill_attention(q, k_cache, v_cache, block_table, cu_seqlens, slots, posit
     """first: how many single-token segments lead the batch; chunks [NT, 2] (segment counted from first, chunk of
     PREFILL_BM queries within it) of the others."""
     t, h, d = q.shape
-    bn = 64 if d <= 128 and q.dtype != torch.float32 else 32 if q.dtype != torch.float32 or d <= 128 else 16
+    fp32 = q.dtype == torch.float32
+    bn = (32 if d <= 128 else 16) if fp32 else (64 if d <= 128 else 32)  # keys per step: K, V tiles fit shared memory
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     prefill_kernel[(first + chunks.shape[0], h)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, block_table, block_table.shape[1], out, cu_seqlens, slots,

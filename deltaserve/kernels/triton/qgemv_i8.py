@@ -12,9 +12,8 @@ Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV),
 batches), each row in programs of its own; the result differs from the float product by x's rounding to 8 bits,
 as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS. Steps of more
 rows take qlinear's qgemm_i8 on the same int8 x (exact integer products per 32 on tensor cores, the same scales):
-a row's result there equals this GEMV's up to the order of float sums. The MoE's grouped path (more than 8 tokens)
-still takes bf16 x, so on MoE models a token's result moves by x's rounding (~1e-2) between steps of <= 8 and > 8
-tokens: I8_GEMV stays off until that path takes int8 x too.
+a row's result there equals this GEMV's up to the order of float sums; the MoE's grouped matmuls (more than 8
+tokens) take int8 x the same way (moe.py). All of it behind qlinear.I8_GEMV (off until a GPU has run the GEMM).
 """
 
 from __future__ import annotations

@@ -224,8 +224,8 @@ def gemv_blocks(fmt: str, n: int, k: int) -> tuple[int, int]:
 
 
 GEMM_BN, GEMM_BK = 64, 64
-# bf16/fp16 rows against q8_0 / q4_k / q6_k on int8 x: up to 8 rows the dp4a GEMV (qgemv_i8.py), more qgemm_i8;
-# off until the MoE's grouped path takes int8 x too (see qgemv_i8.py) and a GPU run has checked qgemm_i8
+# bf16/fp16 rows against q8_0 / q4_k / q6_k on int8 x: up to 8 rows the dp4a GEMV (qgemv_i8.py), more qgemm_i8 (and
+# the MoE's pairs or grouped matmuls likewise); off until a GPU run has checked and timed qgemm_i8 and the grouped MoE
 I8_GEMV = False
 
 

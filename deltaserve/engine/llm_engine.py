@@ -52,8 +52,8 @@ class LLMEngine:
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
         the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
         prefill_graphs: CUDA graphs of steps with prompt chunks (engine/prefill_graphs.py): TTFT 3 ms instead of 54
-        for 128 tokens on an H100; off by default until the graph-vs-eager test of mixed steps passes on a GPU with
-        the capture warm-up's fix (benchmarks/RESULTS.md, issue 17).
+        for 128 tokens on an H100 (0.8B-class model; HF 47 ms in that run); off by default until the graph-vs-eager
+        test of mixed steps passes on a GPU with the capture warm-up's fix (benchmarks/RESULTS.md, issue 17).
         tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
         (from_pretrained(..., tensor_parallel_size=N) starts them); every runner call then runs on all ranks."""
         self.cfg, self.tokenizer = cfg, tokenizer

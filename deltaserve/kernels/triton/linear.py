@@ -164,7 +164,7 @@ def swiglu_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return gemv(x, w, bn=max(1, bn // 2), bk=bk, swiglu=True) if _takes_gemv(x, w, bk) else None
 
 
-ADD_NORM_PROLOGUE = True  # add_norm_swiglu (H100: decode np=1 1.94x its roofline with it, benchmarks/RESULTS.md)
+ADD_NORM_PROLOGUE = True  # add_norm_swiglu (H100, 0.8B-class: decode np=1 1.94x its roofline, benchmarks/RESULTS.md)
 
 
 def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor, eps: float,

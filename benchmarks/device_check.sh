@@ -45,7 +45,7 @@ run_step() {
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
     i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8" ;;
     sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
-    qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile) ;;
+    qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats ${QFORMATS:-q4_k_m} --no-kernels --i8 --profile) ;;
     kernels-quick) step kernels-quick 240 python3 -m pytest -q -x tests/cuda/test_state_kernels.py \
                      tests/cuda/test_layer_kernels.py -k "attention or (gated_delta_net and bfloat16) or norm" ;;
     attn-bench) (cd benchmarks && step attn-bench 120 python3 bench_cuda_kernels.py attention) ;;

@@ -4,7 +4,8 @@ token's result never depends on the other tokens (bit for bit the same alone or 
 Letters: T = tokens, K = experts per token, P = T*K pairs, D = hidden, I = expert width.
 Router GEMV per token, route, pair GEMVs for gate/up (SwiGLU) and down (scaled by the routing weight), each
 token's shared expert as rows after the pairs, and a combine that computes the shared gate's dot itself:
-5 launches. With quantized stacks the shared expert runs beside the pairs (its own products).
+5 launches. With quantized stacks too where the shared expert is in their format and widths; else it runs beside
+the pairs (its own products).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT: tl.constex
 def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, stride_wsn, out, N, P,
                      TOP_K: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATED: tl.constexpr,
                      PDL: tl.constexpr, qs, q2, qd, FMT: tl.constexpr = 0, GS: tl.constexpr = 1, RB: tl.constexpr = 1,
-                     xd=None, xs=None, I8: tl.constexpr = False, ASM: tl.constexpr = True):
+                     xd=None, xs=None, I8: tl.constexpr = False, ASM: tl.constexpr = True,
+                     sq=None, ss=None, sq2=None, sd=None, SHARED_Q: tl.constexpr = False):
     """Few tokens: one GEMV per (token, expert) pair, no layout. Program (row block, pair p): pairs p < P are
     routed (expert experts[p]); p >= P is the shared expert (weights ws) of token p - P.
     GATED: x = tokens, out[p] = SiLU(x[t] W_gate^T) * (x[t] W_up^T) (W rows [gate (N) | up (N)]);
     else x = those [P + T, K] rows, out[p] = (x[p] W^T) * scale[p] (routed; the shared row is left unscaled).
     PDL: launched early; waits for the previous kernel before reading anything (the expert ids come from it).
-    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); no shared programs then.
+    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); SHARED_Q: so is the shared
+    expert, in the same format and widths (planes sq, ss, sq2, sd), else there are no shared programs.
     I8: x's rows are int8 as qgemv_i8.quantize_x writes them (x = the words, xd, xs) and meet the stack's planes (as
     qgemv_i8.planes_i8 gives them) in integer dot products."""
     if PDL:
@@ -73,7 +76,10 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
             acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED)
         y = gemv_rows(acc, acc_u, GATED)
     else:  # quantized: per-group dots over rows of the stack
-        rows = e * (2 * N if GATED else N) + tl.minimum(o_n, N - 1)
+        rows = tl.where(shared, 0, e * (2 * N if GATED else N)) + tl.minimum(o_n, N - 1)
+        if SHARED_Q:  # the shared expert's planes for its programs (uniform per program)
+            w, qs, q2, qd = tl.where(shared, sq, w), tl.where(shared, ss, qs), tl.where(shared, sq2, q2), \
+                tl.where(shared, sd, qd)
         acc = q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, 0, K, FMT, BK, GS, RB, I8, ASM)
         acc_u = acc
         if GATED:
@@ -125,17 +131,28 @@ def _dense_rows(*ws) -> bool:
     return all(isinstance(w, torch.Tensor) and w.stride(-1) == 1 for w in ws)
 
 
+def _like_an_expert(w, stack) -> bool:
+    """Whether a shared-expert weight can run as one more pair beside a quantized stack's: one segment of the
+    stack's format and row blocks, an expert's shape, columns in order."""
+    if not isinstance(w, PlanarWeight) or not isinstance(stack, PlanarWeight) or len(w.segments) != 1:
+        return False
+    seg, ref = w.segments[0], stack.segments[0]
+    return w.col_perm is None and w.shape == stack.shape[1:] and seg.fmt == ref.fmt and seg.row_block == ref.row_block
+
+
 def few_tokens(x, router, gate_up, down, shared_gate_up, shared_down, shared_gate, top_k, norm_topk):
     """The block for a few tokens in 5 launches: router GEMV (per token), route, pair GEMVs (gate/up with SwiGLU, then
     down scaled by the routing weight) over the T*K routed pairs plus T shared-expert rows, combine (with the
     shared gate's dot). Each pair reads its expert's rows itself: no counts, layout or grouping, and a
-    token's result never depends on the other tokens. Quantized stacks: the shared expert runs beside the pairs
-    (two products and a gate more). None where it does not apply (no block size divides the widths; float
+    token's result never depends on the other tokens. Quantized stacks: the shared expert runs as one more pair per
+    token where its weights are in the stack's format and widths (Qwen's checkpoints), else beside the pairs (two
+    products and a gate more). None where it does not apply (no block size divides the widths; float
     stacks with a shared expert of another width or strided rows): then the grouped path."""
     t, d = x.shape
     i = gate_up.shape[1] // 2
     bk_in, bk_mid = _gemv_bk(gate_up, d), _gemv_bk(down, i)
-    fused = _dense_rows(gate_up, down, shared_gate_up, shared_down) and shared_gate_up.shape[0] == 2 * i
+    fused = _dense_rows(gate_up, down, shared_gate_up, shared_down) and shared_gate_up.shape[0] == 2 * i or \
+        _like_an_expert(shared_gate_up, gate_up) and _like_an_expert(shared_down, down)
     if not bk_in or not bk_mid or not x.is_contiguous() or not (fused or isinstance(gate_up, PlanarWeight)):
         return None
     e = router.shape[0]
@@ -179,19 +196,26 @@ def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gat
     """out [P + T, n]: rows of the P routed pairs (and, with `shared`, the T shared-expert rows after them). gated:
     x = the tokens [T, D], SwiGLU of gate/up; else x = [P + T, I], down scaled by the routing weight. int8_x: x's
     rows quantized first (quantize_x) and the pairs' products integer dots."""
-    args = stack_args(stack, bk)
+    args, planes = stack_args(stack, bk), ("w", "ws", "wq2", "wd")
     xq = None
     if int8_x:
         xq = quantize_x(x, stack.fmt != "q8_0")
-        args["w"], args["ws"], args["wq2"], args["wd"] = planes_i8(stack.segments[0])
+        args.update(zip(planes, planes_i8(stack.segments[0])))
+    shared_q = {}
+    if isinstance(shared, PlanarWeight):  # the shared expert's planes (few_tokens checked: as an expert's)
+        sargs = stack_args(shared, bk)
+        if int8_x:
+            sargs.update(zip(planes, planes_i8(shared.segments[0])))
+        shared_q = dict(zip(("sq", "ss", "sq2", "sd"), (sargs[k] for k in planes)), SHARED_Q=True)
+    dense_shared = isinstance(shared, torch.Tensor)
     grid = (triton.cdiv(n, bn), p + (out.shape[0] - p) * (shared is not None))
     on = pdl(x)
     pair_gemv_kernel[grid](
         x if xq is None else xq[0], x.stride(0), experts, weights, args["w"], args["stride_we"], args["stride_wn"],
-        shared if shared is not None else args["w"], shared.stride(0) if shared is not None else 0, out, n, p,
+        shared if dense_shared else args["w"], shared.stride(0) if dense_shared else 0, out, n, p,
         TOP_K=top_k, K=x.shape[1], BN=bn, BK=bk, GATED=gated, PDL=on, qs=args["ws"], q2=args["wq2"], qd=args["wd"],
         FMT=args["FMT"], GS=args["GS"], RB=args["RB"], xd=None if xq is None else xq[1],
-        xs=None if xq is None else xq[2], I8=int8_x, ASM=qi.ASM, num_warps=4, launch_pdl=on)
+        xs=None if xq is None else xq[2], I8=int8_x, ASM=qi.ASM, num_warps=4, launch_pdl=on, **shared_q)
 
 
 PAIR_BN = 2  # gate/up: rows of each half per program (down: twice as many rows, of half the length)

@@ -139,8 +139,12 @@ def run_format(model, cfg, fmt: str, bandwidth: float, nps: list[int], profile: 
         graph = engine.runner.graphs
         if profile and graph is not None:  # the decode graph's kernels by device time (its last inputs replayed)
             replay = graph.graphs[graph.size_of[np_]][0].replay
-            print(f"{fmt} np={np_}: kernels of one decode-graph replay", flush=True)
-            print(profiled(replay).table(sort_by="self_device_time_total", row_limit=14), flush=True)
+            events = profiled(replay)
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.self_device_time_total for e in kernels) / 1e3
+            print(f"{fmt} np={np_}: one decode-graph replay: {sum(e.count for e in kernels)} kernels, device busy "
+                  f"{busy:.3f} ms of the {t * 1e3:.3f} ms step (the rest: gaps between kernels, host)", flush=True)
+            print(events.table(sort_by="self_device_time_total", row_limit=16), flush=True)
     n, length = PREFILL
     prompts = torch.randint(cfg.vocab_size, (n, length), generator=torch.Generator().manual_seed(2))
     segs = [Segment(p, 0, s) for s, p in enumerate(prompts.tolist())]
@@ -171,8 +175,8 @@ def launch_variant(x: torch.Tensor, xq: tuple, w: PlanarWeight, out: torch.Tenso
         return
     bk = bk or k
     q, s, q2, d, fmt, gs, rb = ql.kernel_args(seg, bk)
-    ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
-                                           num_warps=warps)
+    ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, x, 0, x, 0., K=k, FMT=fmt, BN=bn, BK=bk, GS=gs,
+                                           RB=rb, PRO=0, HD=1, PDL=False, num_warps=warps)
 
 
 def qlinear_int8_x(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor) -> None:

@@ -8,7 +8,8 @@
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #                and the add + norm + SwiGLU GEMV's
 #   graphs-moe   of those the engine's one-graph-many-steps test on the MoE model only (a short device lease)
-#   i8           the integer (int8 x, dp4a) GEMV and MoE-pair tests of tests/cuda/test_quantized.py
+#   i8           the integer (int8 x, dp4a) GEMV and MoE-pair tests of tests/cuda/test_quantized.py, the prologue GEMVs,
+#                the quantized MoE with its shared expert as a pair
 #   sweep        benchmarks/bench_cuda_quant.py --sweep --no-model (issue 16: GEMV variants per format and shape)
 #   qmodel       bench_cuda_quant.py --formats q4_k_m --no-kernels --i8 --profile (decode and prefill with and without
 #                int8 x: the GEMV, the GEMM, the MoE; each decode graph's kernels by device time)
@@ -43,7 +44,7 @@ run_step() {
   case $1 in
     graphs) step graphs 240 python3 -m pytest -q -x tests/cuda -k "padding_segment or prefill_graph or add_norm_swiglu" ;;
     graphs-moe) step graphs-moe 150 python3 -m pytest -q -x tests/cuda/test_engine.py -k "prefill_graph and qwen3_5_moe" ;;
-    i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8" ;;
+    i8) step i8 200 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "int8 or prologue or shared" ;;
     sweep) (cd benchmarks && step sweep 300 python3 bench_cuda_quant.py --sweep --no-model) ;;
     qmodel) (cd benchmarks && step qmodel 400 python3 bench_cuda_quant.py --formats ${QFORMATS:-q4_k_m} --no-kernels --i8 --profile) ;;
     kernels-quick) step kernels-quick 240 python3 -m pytest -q -x tests/cuda/test_state_kernels.py \

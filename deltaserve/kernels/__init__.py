@@ -181,24 +181,31 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def gated_norm_linear(x: torch.Tensor, z: torch.Tensor, norm, weight: torch.Tensor) -> torch.Tensor | None:
+def gated_norm_linear(x: torch.Tensor, z: torch.Tensor, norm, weight) -> torch.Tensor | None:
     """The delta-rule output of one row, x [1, H*Dv], through its gated RMS norm (gate z [1, H*Dv], `norm` a
-    GatedRMSNorm) and the out-projection weight [N, H*Dv] -> [1, N]: one CUDA launch, the norm in the GEMV's
-    prologue; None elsewhere (then: the norm and the projection)."""
-    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled() or not isinstance(weight, torch.Tensor):
-        return None
-    from .triton.linear import norm_gemv
-    return norm_gemv(x, z, norm.weight, norm.eps, weight)
+    GatedRMSNorm) and the out-projection weight [N, H*Dv] (float or PlanarWeight) -> [1, N]: one CUDA launch, the
+    norm in the GEMV's prologue (on int8 x: in x's quantization); None elsewhere (then: the norm and the
+    projection)."""
+    return _prologue_linear(x, z, norm.weight, norm.eps, weight, gated=True)
 
 
-def sigmoid_gate_linear(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+def sigmoid_gate_linear(x: torch.Tensor, gate: torch.Tensor, weight) -> torch.Tensor | None:
     """The attention output of one row, x [1, H*D], times sigmoid(gate) ([1, H, D], unit last stride) through the
-    o-projection weight [N, H*D] -> [1, N]: one CUDA launch, the gate in the GEMV's prologue; None elsewhere
+    o-projection weight [N, H*D] -> [1, N]: as gated_norm_linear, the gate in the prologue; None elsewhere
     (then: sigmoid_gate and the projection)."""
-    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled() or not isinstance(weight, torch.Tensor):
+    return _prologue_linear(x, gate, gate, 0., weight, gated=False)  # ungated: norm weight and eps unused
+
+
+def _prologue_linear(x, z, norm_w, eps, weight, gated: bool) -> torch.Tensor | None:
+    if not x.is_cuda or x.shape[0] != 1 or torch.is_grad_enabled():
+        return None
+    if isinstance(weight, PlanarWeight):
+        from .triton.qlinear import norm_qlinear
+        return norm_qlinear(x, z, norm_w, eps, weight, gated)
+    if not isinstance(weight, torch.Tensor):
         return None
     from .triton.linear import norm_gemv
-    return norm_gemv(x, gate, gate, 0., weight, gated=False)  # ungated prologue: norm weight and eps unused
+    return norm_gemv(x, z, norm_w, eps, weight, gated)
 
 
 def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -123,6 +123,27 @@ def test_moe_grouped_on_int8_x_matches_the_tokens_alone(fmt, check, monkeypatch)
           torch.cat([sparse_moe(x[j:j + 1], *rest) for j in range(12)]), 1e-3)
 
 
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_prologue_gemv_equals_the_norm_then_the_product(fmt, int8_x, monkeypatch):
+    """One row through the gated RMS norm (or the sigmoid gate) inside the quantized GEMV (or inside x's int8
+    quantization) equals the separate norm kernel then qlinear, bit for bit."""
+    if int8_x and fmt not in qi.I8_FORMATS:
+        pytest.skip("fp8 has no int8-x path")
+    from deltaserve.kernels.triton.rowwise import gate_mul, gated_rms_norm
+    monkeypatch.setattr(ql, "I8_GEMV", int8_x)
+    g = torch.Generator().manual_seed(5)
+    h, dv, n = 16, 128, 2048
+    w = quantize_planar(torch.randn(n, h * dv, generator=g).cuda() / 64, fmt, torch.bfloat16)
+    x, z = (torch.randn(1, h * dv, generator=g).cuda().bfloat16() for _ in range(2))
+    nw = torch.rand(dv, generator=g).cuda() + 0.5
+    normed = gated_rms_norm(x.view(1, h, dv), z.view(1, h, dv), nw, 1e-6).reshape(1, -1)
+    assert torch.equal(ql.norm_qlinear(x, z, nw, 1e-6, w), qlinear(normed, w))
+    gate = torch.randn(1, h, 2 * dv, generator=g).cuda().bfloat16()[:, :, :dv]  # a strided view, as the layer's
+    gated = gate_mul(x.view(1, h, dv), gate, sigmoid=True).reshape(1, -1)
+    assert torch.equal(ql.norm_qlinear(x, gate, gate, 0., w, gated=False), qlinear(gated, w))
+
+
 def test_qlinear_rows_do_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(0)
     w = quantize_planar(torch.randn(512, 1024, generator=g).cuda(), "q4_k")

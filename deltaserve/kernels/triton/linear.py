@@ -26,8 +26,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, rinv=1.):
-    """x[o_k] in float32 after the prologue (see gemv_kernel; rinv: PRO 3's row scale)."""
+def x_block(x, g, stride_gh, nw, eps, o_k, BK: tl.constexpr, PRO: tl.constexpr, HD: tl.constexpr, rinv=1.):
+    """x[o_k] in float32 after the prologue (see gemv_kernel; rinv: PRO 3's row scale; also the quantized GEMV's
+    and quantize_x's prologue)."""
     if PRO == 3:
         b_s = _residual_sum(x, g, o_k)
         return (b_s * rinv * (1. + tl.load(nw + o_k).to(tl.float32))).to(x.dtype.element_ty).to(tl.float32)
@@ -100,12 +101,12 @@ def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, 
             if tl.program_id(0) == 0:
                 tl.store(total + k0 + tl.arange(0, BK), b_s.to(total.dtype.element_ty))
         rinv = tl.rsqrt(ss / K + eps)
-    b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
+    b_x = x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
     acc = b_w.to(tl.float32) * b_x
     acc_u = b_u.to(tl.float32) * b_x
     for k0 in range(BK, K, BK):  # K % BK == 0
         o_k = k0 + tl.arange(0, BK)
-        b_x = _x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
+        b_x = x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
         acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, SWIGLU)
     y = gemv_rows(acc, acc_u, SWIGLU)
     tl.store(out + o_n, y.to(out.dtype.element_ty), mask=m_n)

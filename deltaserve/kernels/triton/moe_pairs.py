@@ -32,7 +32,8 @@ def q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT: tl.constex
         out = i8_step(w, qs, q2, qd, x + src * (K // 4), xd + src * (K // 32), xs + src * (K // 16), rows, k0, K,
                       FMT, BK, ASM)
     else:
-        out = dot_step(w, qs, q2, qd, x + src * stride_x, rows, k0, K, FMT, BK, GS, RB)
+        xb = tl.load(x + src * stride_x + k0 + tl.arange(0, BK)).to(tl.float32)
+        out = dot_step(w, qs, q2, qd, xb, rows, k0, K, FMT, BK, GS, RB)
     return out
 
 

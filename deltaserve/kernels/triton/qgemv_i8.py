@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import FORMATS, PlanarSegment
+from .linear import pdl, x_block
 
 I8_FORMATS = ("q8_0", "q4_k", "q6_k")
 ASM = True  # False: dp4a as four byte products in Triton (Triton's CPU interpreter cannot run inline PTX)
@@ -60,14 +61,23 @@ def pack4(v):
 
 
 @triton.jit
-def quantize_x_kernel(x, stride_x, xq, xd, xs, K, BG: tl.constexpr, SPLIT: tl.constexpr):
+def quantize_x_kernel(x, stride_x, xq, xd, xs, K, g, stride_gh, nw, eps, BG: tl.constexpr, SPLIT: tl.constexpr,
+                      PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
     """Row r = program_id(1) of x [R, K] -> xq int32 [R, K / 4] words, xd float32 [R, G] scales (x ~ q * xd),
-    xs int32 [R, K / 16] sums of q per 16."""
+    xs int32 [R, K / 16] sums of q per 16. PRO > 0 (one row, K % (32 BG) == 0): x through linear.x_block's
+    prologue first. PDL: a programmatic dependent launch (waits for the previous kernel before reading x)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     r = tl.program_id(1).to(tl.int64)
     x, xq, xd, xs = x + r * stride_x, xq + r * (K // 4), xd + r * (K // 32), xs + r * (K // 16)
     o_g = tl.program_id(0) * BG + tl.arange(0, BG)
     m_g = o_g < K // 32
-    b_x = tl.load(x + o_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m_g[:, None], other=0.).to(tl.float32)
+    if PRO == 0:
+        b_x = tl.load(x + o_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m_g[:, None], other=0.).to(tl.float32)
+    else:
+        o_k = tl.program_id(0) * BG * 32 + tl.arange(0, BG * 32)
+        b_x = tl.reshape(x_block(x, g, stride_gh, nw, eps, o_k, BG * 32, PRO, HD), (BG, 32))
     amax = tl.max(tl.abs(b_x), axis=1)  # [BG]
     scale = tl.math.div_rn(amax, 127.)
     # IEEE division (Triton's `/` is the approximate div.full.f32): codes as the torch reference rounds them
@@ -140,10 +150,13 @@ def i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT: tl.constexpr, BK: tl.con
 
 @triton.jit
 def qgemv_i8_kernel(xq, xd, xs, qw, s, q2, d, out, stride_o, N, K: tl.constexpr, FMT: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] = W[n] . x[t] for rows x given as quantize_x_kernel's (xq, xd, xs); program (t, row block): a row's
     programs are the same at any T, and the T programs of a row block run side by side (W's rows from L2 after the
-    first). K % BK == 0, BK % 256 == 0 (4-bit) or % 32 (q8_0)."""
+    first). K % BK == 0, BK % 256 == 0 (4-bit) or % 32 (q8_0). PDL: as quantize_x_kernel."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     xq, xd, xs = xq + t * (K // 4), xd + t * (K // 32), xs + t * (K // 16)
     o_n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -172,14 +185,23 @@ def rounded_x(x: torch.Tensor) -> torch.Tensor:
     return (torch.where(v >= 0, v + 0.5, v - 0.5).trunc() * scale).flatten(-2)
 
 
-def quantize_x(x: torch.Tensor, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+QX_GROUPS = 16  # groups of 32 values per quantize_x program
+QX_SPAN = 32 * QX_GROUPS  # with a prologue, K and its heads must fit whole programs
+
+
+def quantize_x(x: torch.Tensor, split: bool, pro: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (K % 32 == 0, unit column stride) -> (xq int32 [R, K/4], xd float32 [R, K/32], xs int32 [R, K/16])
-    as the kernels read them."""
+    as the kernels read them; pro: one row through the prologue (PRO, g, stride_gh, nw, eps, HD) of linear.x_block
+    first (qlinear.norm_qlinear)."""
     r, k = x.shape
     xq = torch.empty(r, k // 4, dtype=torch.int32, device=x.device)
     xd = torch.empty(r, k // 32, dtype=torch.float32, device=x.device)
     xs = torch.empty(r, k // 16, dtype=torch.int32, device=x.device)
-    quantize_x_kernel[(triton.cdiv(k // 32, 16), r)](x, x.stride(0), xq, xd, xs, k, BG=16, SPLIT=split, num_warps=2)
+    kind, g, stride_gh, nw, eps, hd = pro or (0, x, 0, x, 0., 1)
+    on = pdl(x)
+    quantize_x_kernel[(triton.cdiv(k // 32, QX_GROUPS), r)](x, x.stride(0), xq, xd, xs, k, g, stride_gh, nw, eps,
+                                                             BG=QX_GROUPS, SPLIT=split, PRO=kind, HD=hd, PDL=on,
+                                                             num_warps=2, launch_pdl=on)
     return xq, xd, xs
 
 
@@ -207,5 +229,7 @@ def qgemv_i8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seg: PlanarSeg
     t, k = xq[0].shape[0], xq[0].shape[1] * 4
     n = seg.rows
     bn, bk = i8_blocks(seg.fmt, k, bn, bk)
+    on = pdl(out)
     qgemv_i8_kernel[(t, triton.cdiv(n, bn))](*xq, *planes_i8(seg), out, out.stride(0), n, K=k,
-                                             FMT=FORMATS.index(seg.fmt), BN=bn, BK=bk, ASM=ASM, num_warps=num_warps)
+                                             FMT=FORMATS.index(seg.fmt), BN=bn, BK=bk, ASM=ASM, PDL=on,
+                                             num_warps=num_warps, launch_pdl=on)

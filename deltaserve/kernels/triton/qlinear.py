@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import FORMATS, PlanarSegment, PlanarWeight
-from .linear import linear as dense_linear
-from .qgemv_i8 import I8_ROWS, qgemv_i8, quantize_x, small_int, takes_i8
+from .linear import linear as dense_linear, pdl, x_block
+from .qgemv_i8 import I8_ROWS, QX_SPAN, qgemv_i8, quantize_x, small_int, takes_i8
 
 
 @triton.jit
@@ -66,21 +66,20 @@ def w_tile(q, s, q2, d, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS: tl
 
 
 @triton.jit
-def dot_step(q, s, q2, d, x, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+def dot_step(q, s, q2, d, xb, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
              RB: tl.constexpr):
-    """[BN, BK/GS] float32: per group of GS columns of W[rows, k0:k0+BK], the group's dot with x[k0:k0+BK] (one
-    row). Codes meet x as integers-turned-floats and each group's scale multiplies its sum once (not every
-    weight); the 4-bit formats pair byte j's nibbles with x's even and odd columns (no interleave)."""
+    """[BN, BK/GS] float32: per group of GS columns of W[rows, k0:k0+BK], the group's dot with xb = x[k0:k0+BK]
+    ([BK] float32, one row). Codes meet x as integers-turned-floats and each group's scale multiplies its sum once
+    (not every weight); the 4-bit formats pair byte j's nibbles with x's even and odd columns (no interleave)."""
     r = rows[:, None, None]
     g = tl.arange(0, BK // GS)[None, :, None]
     og = k0 // GS + tl.arange(0, BK // GS)[None, :]  # [1, BK/GS] group index along K
     if FMT == 0:  # plain: GS = 1
-        out = tl.load(q + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32) * \
-            tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32)[None, :]
+        out = tl.load(q + rows[:, None] * K + (k0 + tl.arange(0, BK))[None, :]).to(tl.float32) * xb[None, :]
     elif FMT <= 2:  # fp8, q8_0: one code per byte
         j = tl.arange(0, GS)[None, None, :]
         b = tl.load(q + r * K + k0 + g * GS + j)  # [BN, BK/GS, GS]
-        xg = tl.reshape(tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32), (1, BK // GS, GS))
+        xg = tl.reshape(xb, (1, BK // GS, GS))
         if FMT == 1:
             out = tl.sum(b.to(tl.float32) * xg, axis=2) * \
                 tl.load(s + (rows[:, None] // RB) * tl.cdiv(K, 128) + og * GS // 128)
@@ -90,8 +89,7 @@ def dot_step(q, s, q2, d, x, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, G
     else:
         j = tl.arange(0, GS // 2)[None, None, :]
         b = tl.load(q + r * (K // 2) + k0 // 2 + g * (GS // 2) + j)  # [BN, BK/GS, GS/2]: values 2j | 2j+1
-        xx = tl.reshape(tl.load(x + k0 + tl.arange(0, BK)).to(tl.float32), (1, BK // GS, GS // 2, 2))
-        xe, xo = tl.split(xx)
+        xe, xo = tl.split(tl.reshape(xb, (1, BK // GS, GS // 2, 2)))
         lo = (b & 15).to(tl.int32)
         hi = (b >> 4).to(tl.int32)
         if FMT == 4:  # q6_k: the high 2 bits of value v at bits 2 (v % 4) of q2 byte v // 4
@@ -113,14 +111,21 @@ def dot_step(q, s, q2, d, x, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, G
 
 
 @triton.jit
-def qgemv_kernel(x, q, s, q2, d, out, N, K: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GS: tl.constexpr, RB: tl.constexpr):
-    """out[n] = W[n] . x for one row x [K]."""
+def qgemv_kernel(x, q, s, q2, d, out, N, g, stride_gh, nw, eps, K: tl.constexpr, FMT: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr, PRO: tl.constexpr,
+                 HD: tl.constexpr, PDL: tl.constexpr):
+    """out[n] = W[n] . x for one row x [K], x through linear.gemv_kernel's prologue PRO (0: none; 1: the gated RMS
+    norm with gate g and weight nw per head of HD; 2: the sigmoid gate g). PDL: a programmatic dependent launch
+    (Hopper): it lets the next kernel launch, then waits for the previous one before reading or writing."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     o_n = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.minimum(o_n, N - 1).to(tl.int64)
     acc = tl.zeros([BN, BK // GS], tl.float32)
     for k0 in range(0, K, BK):
-        acc += dot_step(q, s, q2, d, x, rows, k0, K, FMT, BK, GS, RB)
+        xb = x_block(x, g, stride_gh, nw, eps, k0 + tl.arange(0, BK), BK, PRO, HD)
+        acc += dot_step(q, s, q2, d, xb, rows, k0, K, FMT, BK, GS, RB)
     tl.store(out + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
 
 
@@ -253,15 +258,48 @@ def qlinear(x: torch.Tensor, w: PlanarWeight, out: torch.Tensor | None = None) -
     return out
 
 
+def gemv(x: torch.Tensor, seg: PlanarSegment, out: torch.Tensor, pro: tuple | None = None) -> None:
+    """out [1, rows] = x [1, K] @ seg^T, x through the prologue pro = (PRO, g, stride_gh, nw, eps, HD) of
+    linear.x_block if given; a programmatic dependent launch on Hopper."""
+    n, k = seg.rows, x.shape[1]
+    bn, bk = gemv_blocks(seg.fmt, n, k)
+    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
+    kind, g, stride_gh, nw, eps, hd = pro or (0, x, 0, x, 0., 1)
+    on = pdl(x)
+    qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, g, stride_gh, nw, eps, K=k, FMT=fmt, BN=bn, BK=bk,
+                                        GS=gs, RB=rb, PRO=kind, HD=hd, PDL=on, num_warps=GEMV_WARPS, launch_pdl=on)
+
+
+def norm_qlinear(x: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, eps: float, w: PlanarWeight,
+                 gated: bool = True) -> torch.Tensor | None:
+    """linear.norm_gemv on a quantized weight: one row x [1, H*Dh] through the gated RMS norm (gate z, weight norm_w
+    per head) or the sigmoid gate z ([1, H, Dh] view), then w, the prologue inside the GEMV (or inside x's int8
+    quantization, the GEMV on int8 x after it): a launch less. None where it does not apply (several segments,
+    permuted columns, blocks not in whole heads)."""
+    seg, k = w.segments[0], x.shape[1]
+    if (len(w.segments) != 1 or w.col_perm is not None or seg.fmt == "plain" or x.shape[0] != 1
+            or not x.is_contiguous() or z.stride(-1) != 1 or z.dtype != x.dtype or gated and not z.is_contiguous()):
+        return None
+    hd = norm_w.shape[0] if gated else z.shape[-1]
+    pro = (1 if gated else 2, z, hd if gated else z.stride(-2), norm_w if gated else z, eps, hd)
+    out = torch.empty(1, seg.rows, dtype=x.dtype, device=x.device)
+    if I8_GEMV and takes_i8(x, seg):
+        if k % QX_SPAN or gated and QX_SPAN % hd:
+            return None
+        qgemv_i8(quantize_x(x, seg.fmt != "q8_0", pro), seg, out)
+    elif gated and gemv_blocks(seg.fmt, seg.rows, k)[1] % hd:
+        return None
+    else:
+        gemv(x, seg, out, pro)
+    return out
+
+
 def segment_product(x: torch.Tensor, seg: PlanarSegment, out: torch.Tensor) -> None:
     """out [T, rows] (rows contiguous, any row stride) = x [T, K] @ seg^T."""
     t, k = x.shape
     n = seg.rows
     if t == 1:
-        bn, bk = gemv_blocks(seg.fmt, n, k)
-        q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
-        qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
-                                            num_warps=GEMV_WARPS)
+        gemv(x, seg, out)
         return
     bk = block_k(seg.fmt, k, GEMM_BK)
     q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)

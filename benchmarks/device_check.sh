@@ -17,6 +17,7 @@
 #   kernels-quick  of those: attention, the bf16 delta-rule layer cases, the norms
 #   attn-bench   benchmarks/bench_cuda_kernels.py attention (decode and prefill attention against gather + SDPA)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
+#   quant-model  of those the whole models only
 #   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
 #   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
@@ -52,6 +53,7 @@ run_step() {
     attn-bench) (cd benchmarks && step attn-bench 120 python3 bench_cuda_kernels.py attention) ;;
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
+    quant-model) step quant-model 400 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "model" ;;
     engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;

@@ -37,6 +37,7 @@ from deltaserve.forward_batch import Segment
 from deltaserve.kernels.gpu_quant import PlanarWeight
 from deltaserve.kernels.triton import qgemv_i8 as qi
 from deltaserve.kernels.triton import qlinear as ql
+from deltaserve.kernels.triton.qtiles import kernel_args
 from deltaserve.layers.linear import set_weight
 from deltaserve.layers.model import HybridModel
 from deltaserve.weights.loader import matrix_params
@@ -174,7 +175,7 @@ def launch_variant(x: torch.Tensor, xq: tuple, w: PlanarWeight, out: torch.Tenso
         qi.qgemv_i8(xq, seg, out, bn=bn, bk=bk, num_warps=warps)
         return
     bk = bk or k
-    q, s, q2, d, fmt, gs, rb = ql.kernel_args(seg, bk)
+    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
     ql.qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, x, 0, x, 0., K=k, FMT=fmt, BN=bn, BK=bk, GS=gs,
                                            RB=rb, PRO=0, HD=1, PDL=False, num_warps=warps)
 

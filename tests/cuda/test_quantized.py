@@ -18,6 +18,7 @@ from deltaserve.kernels.gpu_quant import PlanarWeight  # noqa: E402
 from deltaserve.kernels.triton import qgemv_i8 as qi  # noqa: E402
 from deltaserve.kernels.triton import qlinear as ql  # noqa: E402
 from deltaserve.kernels.triton.moe import sparse_moe  # noqa: E402
+from deltaserve.kernels.triton.qgemm_i8 import qgemm_i8  # noqa: E402
 from deltaserve.kernels.triton.qlinear import qlinear  # noqa: E402
 from deltaserve.layers.linear import set_weight  # noqa: E402
 from deltaserve.weights.fp8 import write_fp8_checkpoint  # noqa: E402
@@ -78,13 +79,13 @@ def test_int8_gemm_matches_rounded_x_and_the_gemv(fmt, t, check, monkeypatch):
     x = (torch.randn(t, 2048, generator=g) * torch.rand(t, 2048, generator=g) * 4).cuda().bfloat16()
     x[0, :32] = 0
     out = torch.empty(t, 384, device="cuda")
-    ql.qgemm_i8(qi.quantize_x(x, False), w.segments[0], out)
+    qgemm_i8(qi.quantize_x(x, False), w.segments[0], out)
     check(f"int8 gemm {fmt} t{t}", out, qi.rounded_x(x).double() @ w.dequantize().double().T, 1e-6)
     gemv = torch.empty(8, 384, device="cuda")
     qi.qgemv_i8(qi.quantize_x(x[:8], fmt != "q8_0"), w.segments[0], gemv)
     check(f"int8 gemm vs gemv {fmt} t{t}", out[:8], gemv, 1e-6)
     tail = torch.empty(9, 384, device="cuda")
-    ql.qgemm_i8(qi.quantize_x(x[-9:].contiguous(), False), w.segments[0], tail)
+    qgemm_i8(qi.quantize_x(x[-9:].contiguous(), False), w.segments[0], tail)
     assert torch.equal(tail, out[-9:])
     assert torch.equal(ql.qlinear(x, w), out.bfloat16())
 

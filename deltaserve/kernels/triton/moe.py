@@ -15,9 +15,9 @@ replaces 1-5: router GEMV per token, route, then each (token, expert) pair and e
 expert as its own GEMV rows (gate/up with SiLU * up, then down scaled by the routing weight), and a
 combine that computes the shared gate's dot itself: 5 launches instead of 11, no counts or layout,
 and every token computed independently of the others (bit for bit the same alone or in a batch).
-Quantized expert stacks (PlanarWeight): the matmuls dequantize W's tiles in registers (qlinear.w_tile), or with
+Quantized expert stacks (PlanarWeight): the matmuls dequantize W's tiles in registers (qtiles.w_tile), or with
 qlinear.I8_GEMV take int8 x (the tokens, then the SwiGLU rows, quantized per 32) and integer products
-(qlinear.i8_group), as the few-token path does.
+(qgemm_i8.i8_group), as the few-token path does.
 Reference: `SparseMoE.forward` on CPU (layers/feed_forward.py).
 """
 
@@ -31,7 +31,8 @@ from ..gpu_quant import PlanarWeight
 from .moe_pairs import PAIR_GEMV_TOKENS, few_tokens, takes_i8_stacks
 from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
 from .qgemv_i8 import quantize_x
-from .qlinear import block_k, i8_group, i8_rows, w_tile
+from .qgemm_i8 import i8_group, i8_rows
+from .qtiles import block_k, w_tile
 
 
 @triton.jit
@@ -69,8 +70,8 @@ def grouped_matmul_kernel(
 ):
     """GATED: rows of `a` gathered by pair (token = pair // K), out = SiLU(a W_gate^T) * (a W_up^T) in expert
     order; else a in expert order, out = (a W^T) * pair_scale stored at the pair's own row.
-    FMT > 0: W is quantized (planes w, ws, wq2, wd of an [E, rows, KD] stack; see qlinear.w_tile). I8: `a` is its
-    rows' int8 codes (with scales xd and sums xs, as quantize_x gives them), 32 columns a step (qlinear.i8_group)."""
+    FMT > 0: W is quantized (planes w, ws, wq2, wd of an [E, rows, KD] stack; see qtiles.w_tile). I8: `a` is its
+    rows' int8 codes (with scales xd and sums xs, as quantize_x gives them), 32 columns a step (qgemm_i8.i8_group)."""
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert + i_m)
     if e < E:  # blocks past the last expert's rows are spare (the grid is sized for the worst case)
@@ -133,7 +134,7 @@ def expert_layout(experts: torch.Tensor, counts: torch.Tensor, fill: torch.Tenso
 
 
 def grouped_matmul(a, w, n, layout, top_k, pair_scale=None, int8_x: bool = False):
-    """int8_x: a's rows quantized per 32 first (quantize_x) and W's products integer ones (qlinear.i8_group)."""
+    """int8_x: a's rows quantized per 32 first (quantize_x) and W's products integer ones (qgemm_i8.i8_group)."""
     pairs, expert_start, block_expert, block_start, bm = layout
     out = torch.empty(pairs.shape[0], n, dtype=a.dtype, device=a.device)
     fp32 = a.dtype == torch.float32

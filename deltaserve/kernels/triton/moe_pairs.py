@@ -15,19 +15,19 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
-from .linear import gemv_block, gemv_rows, pdl
+from .linear import gemv_block, pdl
 from .moe_route import combine_kernel, linear, route, shared_expert, stack_args
 from . import qgemv_i8 as qi
 from . import qlinear as ql
 from .qgemv_i8 import I8_FORMATS, i8_blocks, i8_step, planes_i8, quantize_x
-from .qlinear import block_k, dot_step
+from .qtiles import block_k, dot_step
 
 
 @triton.jit
 def q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr,
            GS: tl.constexpr, RB: tl.constexpr, I8: tl.constexpr, ASM: tl.constexpr):
     """Per-group products of quantized rows with x's row src over columns k0:k0+BK: integer dots on int8 x (I8:
-    qgemv_i8.i8_step, [BN, BK/32]) or float ones (qlinear.dot_step, [BN, BK/GS])."""
+    qgemv_i8.i8_step, [BN, BK/32]) or float ones (qtiles.dot_step, [BN, BK/GS])."""
     if I8:
         out = i8_step(w, qs, q2, qd, x + src * (K // 4), xd + src * (K // 32), xs + src * (K // 16), rows, k0, K,
                       FMT, BK, ASM)
@@ -48,7 +48,7 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
     GATED: x = tokens, out[p] = SiLU(x[t] W_gate^T) * (x[t] W_up^T) (W rows [gate (N) | up (N)]);
     else x = those [P + T, K] rows, out[p] = (x[p] W^T) * scale[p] (routed; the shared row is left unscaled).
     PDL: launched early; waits for the previous kernel before reading anything (the expert ids come from it).
-    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qlinear.dot_step); SHARED_Q: so is the shared
+    FMT > 0: the routed stack is quantized (planes w, qs, q2, qd; see qtiles.dot_step); SHARED_Q: so is the shared
     expert, in the same format and widths (planes sq, ss, sq2, sd), else there are no shared programs.
     I8: x's rows are int8 as qgemv_i8.quantize_x writes them (x = the words, xd, xs) and meet the stack's planes (as
     qgemv_i8.planes_i8 gives them) in integer dot products."""
@@ -75,7 +75,6 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
             o_k = k0 + tl.arange(0, BK)
             b_x = tl.load(x + src * stride_x + o_k).to(tl.float32)[None, :]
             acc, acc_u = gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED)
-        y = gemv_rows(acc, acc_u, GATED)
     else:  # quantized: per-group dots over rows of the stack
         rows = tl.where(shared, 0, e * (2 * N if GATED else N)) + tl.minimum(o_n, N - 1)
         if SHARED_Q:  # the shared expert's planes for its programs (uniform per program)
@@ -89,9 +88,13 @@ def pair_gemv_kernel(x, stride_x, experts, scale, w, stride_we, stride_wn, ws, s
             acc += q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows, k0, K, FMT, BK, GS, RB, I8, ASM)
             if GATED:
                 acc_u += q_step(w, qs, q2, qd, x, stride_x, xd, xs, src, rows + N, k0, K, FMT, BK, GS, RB, I8, ASM)
-        y = tl.sum(acc, axis=1)
-        if GATED:
-            y = y * tl.sigmoid(y) * tl.sum(acc_u, axis=1)
+    y = tl.sum(acc, axis=1)
+    if GATED:
+        u = tl.sum(acc_u, axis=1)
+        # shared rows as moe_route.shared_expert makes them for more tokens (gate and up rounded to the activations'
+        # dtype, then gate_mul's product), routed ones as the grouped matmuls: a token's result alike at any T
+        g_r, u_r = y.to(out.dtype.element_ty).to(tl.float32), u.to(out.dtype.element_ty).to(tl.float32)
+        y = tl.where(shared, u_r * g_r * tl.sigmoid(g_r), y * tl.sigmoid(y) * u)
     if not GATED:
         y = y * tl.load(scale + p, mask=p < P, other=1.)
     tl.store(out + p.to(tl.int64) * N + o_n, y.to(out.dtype.element_ty), mask=m_n)

@@ -12,8 +12,9 @@ import triton.language as tl
 
 from ..gpu_quant import PlanarWeight
 from .linear import linear as dense_linear
-from .linear import pdl, swiglu_gemv
-from .qlinear import kernel_args, qlinear
+from .linear import pdl
+from .qlinear import qlinear
+from .qtiles import kernel_args
 from .rowwise import gate_mul
 
 
@@ -80,12 +81,10 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def shared_expert(x: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """The shared expert's SwiGLU MLP on [T, D] rows (its own width S, which need not be the experts')."""
-    h = swiglu_gemv(x, gate_up) if isinstance(gate_up, torch.Tensor) else None  # one row: one launch; else None
-    if h is None:
-        h = linear(x, gate_up)
-        h = gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False)
-    return linear(h, down)
+    """The shared expert's SwiGLU MLP on [T, D] rows (its own width S, which need not be the experts'): gate and up
+    rounded to x's dtype, then their product, at any T (moe_pairs' shared rows compute the same)."""
+    h = linear(x, gate_up)
+    return linear(gate_mul(h[:, h.shape[1] // 2:], h[:, :h.shape[1] // 2], sigmoid=False), down)
 
 
 def stack_args(w, bk: int) -> dict:

@@ -1,6 +1,6 @@
 """Few-row products with GGUF-quantized weights (q8_0, q4_k, q6_k) on integer dot products, llama.cpp's MMVQ way:
 x is quantized per 32 values to int8 (scale absmax / 127), and each weight word meets an x word in one `dp4a`
-(4 byte products summed into an int32). A float GEMV (qlinear.dot_step) spends ~14 instructions per 4-bit weight
+(4 byte products summed into an int32). A float GEMV (qtiles.dot_step) spends ~14 instructions per 4-bit weight
 unpacking nibbles one by one, more than HBM's pace allows; here a 32-bit word of 8 nibbles takes 3 integer
 operations and 2 dp4a, and floats appear once per group of 32 (or 16) values.
 

@@ -18,7 +18,8 @@
 #   attn-bench   benchmarks/bench_cuda_kernels.py attention (decode and prefill attention against gather + SDPA)
 #   quant        tests/cuda/test_quantized.py (quantized GEMV/GEMM, MoE, whole models: logits and greedy == solo)
 #   quant-model  of those the whole models only
-#   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment)
+#   engine       tests/cuda/test_engine.py (greedy == solo at np 1/8/64, graphs with any slot assignment); engine-next,
+#                engine-dense, engine-moe: its cases of one family each (joined by +, three processes share the compiles)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
 #   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
 #   decode-unfused the same without the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE off)
@@ -54,7 +55,11 @@ run_step() {
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     quant-model) step quant-model 400 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "model" ;;
-    engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
+    engine) step engine ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py ;;
+    engine-next) step engine-next ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_next ;;
+    engine-dense) step engine-dense ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py \
+                    -k "qwen3_5 and not moe" ;;
+    engine-moe) step engine-moe ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_5_moe ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
     decode-unfused) (cd benchmarks && step decode-unfused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys

@@ -42,7 +42,7 @@ class LLMEngine:
                  extra_state_slots: int = 0, spec_tokens: int = 0, device: str | torch.device = "cpu",
                  overlap_decode: bool | None = None, tp_group=None, enable_prefix_caching: bool = True,
                  prefix_cache_slots: int | None = None, num_kv_blocks: int | None = None,
-                 prefill_graphs: bool = False):
+                 prefill_graphs: bool = True):
         """spec_tokens: MTP drafts per step (0 = no speculative decoding); needs a checkpoint with mtp.* weights.
         enable_prefix_caching: reuse the KV blocks and recurrent-state snapshots of earlier requests' prefixes;
         prefix_cache_slots: snapshots kept (each one state slot; default max(8, max_num_seqs)); num_kv_blocks: KV
@@ -52,8 +52,8 @@ class LLMEngine:
         overlap_decode: in runs of decode steps that keep no logits, launch step N+1 (its input tokens taken on
         the device) before reading step N's tokens, so the host's work hides behind the GPU's; default on for CUDA.
         prefill_graphs: CUDA graphs of steps with prompt chunks (engine/prefill_graphs.py): TTFT 3 ms instead of 54
-        for 128 tokens on an H100 (0.8B-class model; HF 47 ms in that run); off by default until the graph-vs-eager
-        test of mixed steps passes on a GPU with the capture warm-up's fix (benchmarks/RESULTS.md, issue 17).
+        for 128 tokens on an H100 (0.8B-class model, random bf16 weights; HF 47 ms in that run; benchmarks/RESULTS.md,
+        issue 17); on by default for CUDA (no effect on the CPU).
         tp_group: model is rank 0's shard of a tensor-parallel model whose other ranks run in worker processes
         (from_pretrained(..., tensor_parallel_size=N) starts them); every runner call then runs on all ranks."""
         self.cfg, self.tokenizer = cfg, tokenizer

@@ -23,7 +23,7 @@ LARGE_LOGITS = 2 << 20  # bytes of a step's float32 logits (4 rows of a 151936 v
 
 
 class ModelRunner:
-    def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device, prefill_graphs: bool = False):
+    def __init__(self, model: HybridModel, cache: HybridCache, device: torch.device, prefill_graphs: bool = True):
         self.model, self.cache, self.device = model, cache, device
         packed = device.type == "cpu" and pack_for_cpu(model)  # weights repacked for the native kernels (issue 15)
         # from the first step with this many tokens or logits on, freed memory is kept for reuse: such a step's

@@ -22,14 +22,16 @@ def i8_group(a, x_d, x_sum, q, s, q2, d, rows, k0, K, FMT: tl.constexpr):
     """[BM, BN] float32: columns k0..k0+31 of x . W[rows]^T for x rows as int8 codes (a [BM, 32] float16 integers,
     x_d [BM, 1] their scale, x_sum [BM, 1] float32 their sum), W q8_0 / q4_k / q6_k: an exact integer product on
     tensor cores (float32 sums below 2^24), then the group's scales, the math of qgemv_i8 per row."""
-    BM: tl.constexpr = a.shape[0]
     BN: tl.constexpr = rows.shape[0]
-    if FMT == 4:  # q6_k: a scale per 16 columns, two products
-        codes, scale, _ = code_tile(q, s, q2, d, rows, k0, K, FMT, 32, 16, 1)  # codes [BN, 32] = q - 32
-        ca, cb = tl.split(tl.permute(tl.reshape(codes.to(tl.float16), (BN, 2, 16)), (0, 2, 1)))
-        xa, xb = tl.split(tl.permute(tl.reshape(a, (BM, 2, 16)), (0, 2, 1)))
-        sa, sb = tl.split(scale)  # [BN]
-        out = (tl.dot(xa, tl.trans(ca)) * sa[None, :] + tl.dot(xb, tl.trans(cb)) * sb[None, :]) * x_d
+    if FMT == 4:  # q6_k: a scale per 16 columns: two products, each over x with the other half zeroed (splitting
+        # the [.., 32] tiles into halves for K = 16 products compiled wrong on an H100, right in the interpreter)
+        codes, scale, _ = code_tile(q, s, q2, d, rows, k0, K, FMT, 32, 16, 1)  # codes [BN, 32] = q - 32; scale [BN, 2]
+        c = tl.trans(codes.to(tl.float16))  # [32, BN]
+        low = (tl.arange(0, 32) < 16).to(tl.float16)[None, :]  # [1, 32]
+        half = tl.arange(0, 2)[None, :]
+        sa = tl.sum(tl.where(half == 0, scale, 0.), axis=1)  # [BN]
+        sb = tl.sum(tl.where(half == 1, scale, 0.), axis=1)
+        out = (tl.dot(a * low, c) * sa[None, :] + tl.dot(a * (1 - low), c) * sb[None, :]) * x_d
     else:
         codes, scale, offset = code_tile(q, s, q2, d, rows, k0, K, FMT, 32, 32, 1)  # scale, offset [BN, 1]
         dot = tl.dot(a, tl.trans(codes.to(tl.float16)))  # [BM, BN] integers

@@ -11,9 +11,10 @@ with the even values in the low nibbles. So x is packed in the matching order: n
 Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV), up to I8_ROWS of them (decode
 batches), each row in programs of its own; the result differs from the float product by x's rounding to 8 bits,
 as llama.cpp's does. A row's result depends on its own x only, bit for bit, at any T <= I8_ROWS. Steps of more
-rows take qlinear's qgemm_i8 on the same int8 x (exact integer products per 32 on tensor cores, the same scales):
-a row's result there equals this GEMV's up to the order of float sums; the MoE's grouped matmuls (more than 8
-tokens) take int8 x the same way (moe.py). All of it behind qlinear.I8_GEMV (off until a GPU has run the GEMM).
+rows take qgemm_i8.py on the same int8 x (exact integer products per 32 on tensor cores, the same scales): a row's
+result there equals this GEMV's up to the order of float sums; the MoE's grouped matmuls (more than 8 tokens) take
+int8 x the same way (moe.py). All of it behind qlinear.I8_GEMV (off until a GPU has passed the q6_k GEMM and timed
+the routes).
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ QX_GROUPS = 16  # groups of 32 values per quantize_x program
 QX_SPAN = 32 * QX_GROUPS  # with a prologue, K and its heads must fit whole programs
 
 
-def quantize_x(x: torch.Tensor, split: bool, pro: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor, split: bool,
+               pro: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (K % 32 == 0, unit column stride) -> (xq int32 [R, K/4], xd float32 [R, K/32], xs int32 [R, K/16])
     as the kernels read them; pro: one row through the prologue (PRO, g, stride_gh, nw, eps, HD) of linear.x_block
     first (qlinear.norm_qlinear)."""

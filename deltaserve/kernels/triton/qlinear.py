@@ -71,7 +71,8 @@ def gemv_blocks(fmt: str, n: int, k: int) -> tuple[int, int]:
 
 GEMM_BK = 64  # columns per step of the dequantize-in-tile GEMM
 # bf16/fp16 rows against q8_0 / q4_k / q6_k on int8 x: up to 8 rows the dp4a GEMV (qgemv_i8.py), more qgemm_i8 (and
-# the MoE's pairs or grouped matmuls likewise); off until a GPU run has checked and timed qgemm_i8 and the grouped MoE
+# the MoE's pairs or grouped matmuls likewise); off until a GPU run has passed the q6_k GEMM (rewritten after one
+# failed) and timed the int8 routes
 I8_GEMV = False
 
 

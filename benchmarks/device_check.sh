@@ -22,6 +22,7 @@
 #                engine-dense, engine-moe: its cases of one family each (joined by +, three processes share the compiles)
 #   ttft         benchmarks/profile_cuda_prefill.py --profile (issue 17: TTFT, 64 x 128, host vs GPU time)
 #   decode       benchmarks/bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf (issue 17's decode ratios)
+#   decode-big   the same for qwen3.5-2b and qwen3-next-8l (issue 17: they keep their ratios)
 #   decode-unfused the same without the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE off)
 #   quant-bench  benchmarks/bench_cuda_quant.py (issue 16: decode vs roofline per format, GEMV bandwidth)
 #   prefix       benchmarks/bench_prefix_cache.py --device cuda --dtype float32 --turns 8 --rounds 2 (issue 18)
@@ -62,6 +63,8 @@ run_step() {
     engine-moe) step engine-moe ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_5_moe ;;
     ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
+    decode-big) (cd benchmarks && step decode-big 400 python3 bench_cuda.py --configs qwen3.5-2b qwen3-next-8l \
+                   --nps 1 64 --no-hf) ;;
     decode-unfused) (cd benchmarks && step decode-unfused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys
 import deltaserve.kernels.triton.linear as linear
 linear.ADD_NORM_PROLOGUE = False

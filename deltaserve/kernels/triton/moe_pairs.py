@@ -200,17 +200,12 @@ def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gat
     """out [P + T, n]: rows of the P routed pairs (and, with `shared`, the T shared-expert rows after them). gated:
     x = the tokens [T, D], SwiGLU of gate/up; else x = [P + T, I], down scaled by the routing weight. int8_x: x's
     rows quantized first (quantize_x) and the pairs' products integer dots."""
-    args, planes = stack_args(stack, bk), ("w", "ws", "wq2", "wd")
-    xq = None
-    if int8_x:
-        xq = quantize_x(x, stack.fmt != "q8_0")
-        args.update(zip(planes, planes_i8(stack.segments[0])))
+    args = _weight_args(stack, bk, int8_x)
+    xq = quantize_x(x, stack.fmt != "q8_0") if int8_x else None
     shared_q = {}
     if isinstance(shared, PlanarWeight):  # the shared expert's planes (few_tokens checked: as an expert's)
-        sargs = stack_args(shared, bk)
-        if int8_x:
-            sargs.update(zip(planes, planes_i8(shared.segments[0])))
-        shared_q = dict(zip(("sq", "ss", "sq2", "sd"), (sargs[k] for k in planes)), SHARED_Q=True)
+        sargs = _weight_args(shared, bk, int8_x)
+        shared_q = dict(zip(("sq", "ss", "sq2", "sd"), (sargs[k] for k in PLANES)), SHARED_Q=True)
     dense_shared = isinstance(shared, torch.Tensor)
     grid = (triton.cdiv(n, bn), p + (out.shape[0] - p) * (shared is not None))
     on = pdl(x)
@@ -220,6 +215,17 @@ def _pair_gemv(x, experts, weights, stack, shared, out, n, p, top_k, bn, bk, gat
         TOP_K=top_k, K=x.shape[1], BN=bn, BK=bk, GATED=gated, PDL=on, qs=args["ws"], q2=args["wq2"], qd=args["wd"],
         FMT=args["FMT"], GS=args["GS"], RB=args["RB"], xd=None if xq is None else xq[1],
         xs=None if xq is None else xq[2], I8=int8_x, ASM=qi.ASM, num_warps=4, launch_pdl=on, **shared_q)
+
+
+PLANES = ("w", "ws", "wq2", "wd")  # stack_args' names of a weight's planes
+
+
+def _weight_args(w, bk: int, int8_x: bool) -> dict:
+    """stack_args of a stack or matrix, its planes as the integer kernels read them with int8_x."""
+    args = stack_args(w, bk)
+    if int8_x:
+        args.update(zip(PLANES, planes_i8(w.segments[0])))
+    return args
 
 
 PAIR_BN = 2  # gate/up: rows of each half per program (down: twice as many rows, of half the length)

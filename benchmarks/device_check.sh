@@ -4,6 +4,7 @@
 # Run from the repository root on the device machine, wheels carried in .whl/ (fla-core, gguf):
 #   bash benchmarks/device_check.sh [graphs kernels quant engine ttft decode quant-bench prefix] (default: all, in that order)
 # Steps joined by + run at the same time (tests only: timings want the machine to themselves), e.g. graphs+i8 ttft
+# A step's time limit: LIMIT_<step> seconds, e.g. LIMIT_decode_big=250
 # Steps:
 #   graphs       the prefill-graph tests (padding segment in the GDN and attention kernels, one graph, many steps)
 #                and the add + norm + SwiGLU GEMV's
@@ -35,8 +36,9 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.log"
 
-step() {  # name, seconds, command...
-  local name=$1 limit=$2
+step() {  # name, seconds, command... (LIMIT_<name>, dashes as underscores, overrides the seconds)
+  local name=$1 var=LIMIT_${1//-/_}
+  local limit=${!var:-$2}
   shift 2
   local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -56,16 +58,16 @@ run_step() {
     kernels) step kernels 420 python3 -m pytest -q -x tests/cuda/test_state_kernels.py tests/cuda/test_layer_kernels.py ;;
     quant) step quant 540 python3 -m pytest -q -x tests/cuda/test_quantized.py ;;
     quant-model) step quant-model 400 python3 -m pytest -q -x tests/cuda/test_quantized.py -k "model" ;;
-    engine) step engine ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py ;;
-    engine-next) step engine-next ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_next ;;
-    engine-dense) step engine-dense ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py \
+    engine) step engine 540 python3 -m pytest -q -x tests/cuda/test_engine.py ;;
+    engine-next) step engine-next 540 python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_next ;;
+    engine-dense) step engine-dense 540 python3 -m pytest -q -x tests/cuda/test_engine.py \
                     -k "qwen3_5 and not moe" ;;
-    engine-moe) step engine-moe ${ENGINE_LIMIT:-540} python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_5_moe ;;
-    ttft) (cd benchmarks && step ttft ${TTFT_LIMIT:-300} python3 profile_cuda_prefill.py --profile --more-budgets) ;;
+    engine-moe) step engine-moe 540 python3 -m pytest -q -x tests/cuda/test_engine.py -k qwen3_5_moe ;;
+    ttft) (cd benchmarks && step ttft 300 python3 profile_cuda_prefill.py --profile --more-budgets) ;;
     decode) (cd benchmarks && step decode 400 python3 bench_cuda.py --configs qwen3.5-0.8b --nps 1 64 --no-hf) ;;
     decode-big) (cd benchmarks && step decode-big 400 python3 bench_cuda.py --configs qwen3.5-2b qwen3-next-8l \
                    --nps 1 64 --no-hf) ;;
-    decode-unfused) (cd benchmarks && step decode-unfused ${DECODE_LIMIT:-400} python3 -c "import runpy, sys
+    decode-unfused) (cd benchmarks && step decode-unfused 400 python3 -c "import runpy, sys
 import deltaserve.kernels.triton.linear as linear
 linear.ADD_NORM_PROLOGUE = False
 sys.argv = ['bench_cuda.py', '--configs', 'qwen3.5-0.8b', '--nps', '1', '64', '--no-hf']

@@ -113,7 +113,7 @@ def test_cache_that_cannot_fit_is_refused_up_front(base):
 def test_auto_dtype_of_a_gguf_file_follows_the_device():
     """GGUF: float32 activations on the CPU (its kernels take them), bfloat16 on CUDA (quantized weights stay
     quantized there; the products come out in the activations' dtype)."""
-    from deltaserve.engine.llm_engine import _resolve_dtype
-    assert _resolve_dtype("m.gguf", "auto", torch.device("cpu")) == torch.float32
-    assert _resolve_dtype("m.gguf", "auto", torch.device("cuda")) == torch.bfloat16
-    assert _resolve_dtype("m.gguf", "float16", torch.device("cuda")) == torch.float16
+    from deltaserve.weights.loader import resolve_dtype
+    assert resolve_dtype("m.gguf", "auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("m.gguf", "auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("m.gguf", "float16", torch.device("cuda")) == torch.float16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from ..sampling.sampler import sample, sampled_rows, token_logprobs
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..parallel.shard import shard_config
 from ..parallel.workers import MirroredRunner, start_group
-from ..weights.loader import load_model, open_checkpoint
+from ..weights.loader import load_model, open_checkpoint, resolve_dtype
 from ..forward_batch import Segment
 from .kv_manager import KVManager
 from .model_runner import ModelRunner
@@ -27,7 +26,6 @@ from .speculative import MTPDrafter, accept
 from .step_tokens import StepTokens
 
 log = logging.getLogger("deltaserve")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -93,7 +91,7 @@ class LLMEngine:
                         tensor_parallel_size: int = 1, **kwargs) -> "LLMEngine":
         """tensor_parallel_size N > 1: N processes (this one rank 0), each holding its shard (parallel/shard.py);
         gloo on the CPU, NCCL on CUDA."""
-        torch_dtype = _resolve_dtype(path, dtype, torch.device(device))
+        torch_dtype = resolve_dtype(path, dtype, torch.device(device))
         if tensor_parallel_size > 1:
             ckpt_cfg = open_checkpoint(path)[1]
             shard_config(ckpt_cfg, tensor_parallel_size)  # a size that does not divide the heads fails here, alone
@@ -319,13 +317,3 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached,
         )
 
-
-def _resolve_dtype(path: str | Path, dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto" and str(path).endswith(".gguf"):
-        dtype = "bfloat16" if device.type == "cuda" else "float32"  # the CPU kernels take float32 activations
-    elif dtype == "auto":
-        raw = json.loads((Path(path) / "config.json").read_text())
-        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]

@@ -8,6 +8,7 @@ quantized matrices (block-FP8; GGUF Q8_0, Q4_K, Q6_K) stay quantized in the CUDA
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -24,10 +25,11 @@ from .hf_layout import hf_recipes
 from ..parallel.shard import shard_config
 from .fp8 import combine_fp8
 from .rows import combine_rows
+from .safetensors_dir import CheckpointError, SafetensorsDir
 from .shard_read import read_shard
 
 log = logging.getLogger(__name__)
-from .safetensors_dir import CheckpointError, SafetensorsDir
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _listing(names) -> str:
@@ -122,3 +124,16 @@ def matrix_params(model: HybridModel) -> set[str]:
         elif isinstance(module, SparseMoE):
             out.update({f"{name}.experts_gate_up", f"{name}.experts_down"})
     return out
+
+
+def resolve_dtype(path: str | Path, dtype: str, device: torch.device) -> torch.dtype:
+    """The activations' dtype for a checkpoint: `auto` is the config's dtype (GGUF: bf16 on CUDA, float32 on the CPU,
+    whose kernels take float32 activations), else one of DTYPES by name."""
+    if dtype == "auto" and str(path).endswith(".gguf"):
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    elif dtype == "auto":
+        raw = json.loads((Path(path) / "config.json").read_text())
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]

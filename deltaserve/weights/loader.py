@@ -26,7 +26,7 @@ from ..parallel.shard import shard_config
 from .fp8 import combine_fp8
 from .rows import combine_rows
 from .safetensors_dir import CheckpointError, SafetensorsDir
-from .shard_read import read_shard
+from .shard_read import columns_of, rank_plan, read_shard
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,8 +50,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                planar: bool | None = None, tp: tuple[int, int] = (0, 1)):
     """Returns (model, config). Missing, unexpected or mis-shaped tensors raise CheckpointError naming them.
     planar: quantized matrices as PlanarWeights (default: on CUDA; on the CPU they then run the torch reference).
-    tp = (rank, size): the rank's shard of a tensor-parallel model (parallel/shard.py) and its config; weights
-    then load as float tensors of dtype, each rank reading its rows and columns only (weights/shard_read.py)."""
+    tp = (rank, size): the rank's shard of a tensor-parallel model (parallel/shard.py) and its config: float
+    tensors read row run by row run where the file allows, matrices in their stored formats cut before fusing
+    (weights/shard_read.py)."""
     ckpt, cfg = open_checkpoint(path)
     names = ckpt.names()
     mtp_layers = len({m.group(1) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))})
@@ -69,26 +70,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     full_cfg, cfg = cfg, shard_config(cfg, size) if size > 1 else cfg
     with torch.device("meta"):
         model = HybridModel(cfg, mtp_layers)
-    as_stored = torch.device(device).type == "cpu" and dtype == torch.float32 and size == 1
-    planar = torch.device(device).type == "cuda" and size == 1 if planar is None else planar
-    as_stored = as_stored and not planar
+    planar = torch.device(device).type == "cuda" if planar is None else planar
+    as_stored = torch.device(device).type == "cpu" and dtype == torch.float32 and not planar
     matrices = matrix_params(model) if as_stored or planar else set()
     state, kept = {}, {}
     for param, recipe in recipes.items():
-        if param in matrices and planar:
-            weight = planar_weight(ckpt, recipe, dtype)
-            if isinstance(weight, PlanarWeight):
-                kept[param] = weight.to(device)
+        weight = None
+        if param in matrices:
+            if size > 1 and all(ckpt.reads_rows(name) for name, _ in recipe.sources):
+                weight = read_shard(ckpt, recipe, param, full_cfg, rank, size)  # float rows, as the file stores them
+            else:
+                build, cols = rank_plan(param, recipe, full_cfg, rank, size)
+                weight = planar_weight(ckpt, recipe, build, cols, dtype) if planar else \
+                    stored_weight(ckpt, recipe, build, cols)
+                if weight is None:
+                    log.warning("%s: rank %d's columns %s are not whole blocks of the file's format; read as %s",
+                                param, rank, cols, dtype)
+            if isinstance(weight, PlanarWeight) or not planar and (isinstance(weight, QuantizedWeight) or
+                                                                    weight is not None and weight.dtype != dtype):
+                kept[param] = weight.to(device) if planar else weight
                 continue
-        elif param in matrices:  # rows in their stored formats
-            weight = combine_rows(recipe.combine, [ckpt.get_stored(name) for name, _ in recipe.sources])
-            if isinstance(weight, QuantizedWeight) or weight.dtype != dtype:
-                kept[param] = weight.contiguous() if isinstance(weight, torch.Tensor) else weight
-                continue
-        elif size > 1:
-            weight = read_shard(ckpt, recipe, param, full_cfg, rank, size)
-        else:
-            weight = recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
+        if weight is None:
+            weight = read_shard(ckpt, recipe, param, full_cfg, rank, size) if size > 1 else \
+                recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
         state[param] = weight.to(device=device, dtype=dtype).contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     for param, weight in kept.items():
@@ -99,13 +103,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     return model.eval(), cfg
 
 
-def planar_weight(ckpt, recipe, dtype: torch.dtype) -> PlanarWeight | torch.Tensor:
-    """A weight matrix for the CUDA kernels: quantized rows in planar form (PlanarWeight), else a float tensor."""
+def stored_weight(ckpt, recipe, build, cols: slice | None) -> torch.Tensor | QuantizedWeight | None:
+    """A weight matrix (a tensor-parallel rank's shard: rank_plan's build and cols) with its rows in the formats the
+    file stores them in; None where cols do not cover whole blocks."""
+    parts = [columns_of(ckpt.get_stored(name), cols) for name, _ in recipe.sources]
+    if any(p is None for p in parts):
+        return None
+    weight = combine_rows(build, parts)
+    return weight.contiguous() if isinstance(weight, torch.Tensor) else weight
+
+
+def planar_weight(ckpt, recipe, build, cols: slice | None, dtype: torch.dtype) -> PlanarWeight | torch.Tensor | None:
+    """A weight matrix for the CUDA kernels: quantized rows in planar form (PlanarWeight), else a float tensor;
+    None as stored_weight."""
     names = [name for name, _ in recipe.sources]
     fp8 = [ckpt.get_fp8(name) if hasattr(ckpt, "get_fp8") else None for name in names]
     if any(p is not None for p in fp8):
-        return combine_fp8(recipe.combine, [p if p is not None else ckpt.get(n) for p, n in zip(fp8, names)], dtype)
-    weight = combine_rows(recipe.combine, [ckpt.get_stored(name) for name in names])
+        parts = [columns_of(p if p is not None else ckpt.get(n), cols) for p, n in zip(fp8, names)]
+        return None if any(p is None for p in parts) else combine_fp8(build, parts, dtype)
+    weight = stored_weight(ckpt, recipe, build, cols)
     if not isinstance(weight, QuantizedWeight):
         return weight
     if (out := from_quantized(weight, dtype)) is None:

@@ -8,13 +8,14 @@ Model: bench_cuda's qwen3-next-8l (Qwen3-Next-80B-A3B's layer dimensions, 8 of i
 - q8_0: every matrix Q8_0 but the router and shared-expert gate (kept float by llama-quantize).
 - q4_k_m: llama-quantize's Q4_K_M mix: Q4_K, with Q6_K for the LM head and the routed and shared down projections
   of layers i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2 (n = 8: layers 0, 3, 6, 7, the share the rule gives 48).
+- q5_k_m: the same mix with Q5_K in place of Q4_K (llama-quantize's Q5_K_M).
 Per format: decode step time at np = 1 and 64 (LLMEngine.step, CUDA graphs, overlap on) and its roofline (bytes
 read per step: every weight as held, routed experts as the expected number hit, E(1-(1-k/E)^np); states, KV,
 logits as bench_cuda; divided by the measured copy bandwidth), prefill tokens/s (4 x 1024), and the memory of the
 whole 48-layer model in that format (per-layer bytes of the 8 x 36/6 and 12/2, plus embedding and head).
 Kernels: the GEMV of each format on Qwen3-Next's weight shapes, bytes of the weight / time against copy bandwidth.
 
-Run: python benchmarks/bench_cuda_quant.py [--formats bf16 fp8 q8_0 q4_k_m] [--nps 1 64] [--no-kernels | --sweep]
+Run: python benchmarks/bench_cuda_quant.py [--formats bf16 fp8 q8_0 q4_k_m q5_k_m] [--nps 1 64] [--no-kernels | --sweep]
      [--no-model] [--profile] [--i8]
 """
 
@@ -61,7 +62,8 @@ def fmt_of(fmt: str, cfg: ModelConfig):
             return "q8_0"
         layer = int(name.split(".")[1]) if name.startswith("layers.") else -1
         down = name.endswith(("experts_down", "shared.down.weight", "ffn.down.weight"))
-        return "q6_k" if name.startswith("lm_head.") or down and more_bits(layer, cfg.num_layers) else "q4_k"
+        base = "q5_k" if fmt == "q5_k_m" else "q4_k"
+        return "q6_k" if name.startswith("lm_head.") or down and more_bits(layer, cfg.num_layers) else base
     return pick
 
 
@@ -196,7 +198,7 @@ def kernels(bandwidth: float, sweep: bool) -> list[str]:
     rotate through copies of > 120 MB in all, so no call finds its weight in L2 (50 MB)."""
     lines = ["| format | N x K | variant | weight MB | us | GB/s | x copy bandwidth |",
              "|---|---|---|---|---|---|---|"]
-    for fmt in ("fp8", "q8_0", "q4_k", "q6_k"):
+    for fmt in ("fp8", "q8_0", "q4_k", "q5_k", "q6_k"):
         for n, k in GEMV_SHAPES if not sweep else [s for s in GEMV_SHAPES if s[1] != 512]:
             w0 = quantize_planar(torch.randn(n, k, device="cuda"), fmt)
             ws = [w0] + [quantize_planar(torch.randn(n, k, device="cuda"), fmt)

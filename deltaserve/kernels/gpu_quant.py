@@ -8,10 +8,11 @@ Formats (w = the dequantized value; N rows, K columns; planes [..., N, *]):
 - q8_0  q int8 [N, K]; s float16 [N, K / 32]; w = q * s[k // 32].
 - q4_k  q uint8 [N, K / 2] (value 2j in the low nibble of byte j, 2j+1 in the high); s uint8 [N, K / 32, 2]
         (6-bit scale, 6-bit min); d float16 [N, K / 256, 2] (d, dmin); w = d * sc * q - dmin * m.
+- q5_k  as q4_k, and q2 uint8 [N, K / 8] (the fifth bit, value 8j + i at bit i of byte j); w = d * sc * q - dmin * m.
 - q6_k  q uint8 [N, K / 2] (low 4 bits as q4_k); q2 uint8 [N, K / 4] (high 2 bits, value 4j + i at bits 2i of
         byte j); s int8 [N, K / 16]; d float16 [N, K / 256]; w = d * sc * (q - 32).
 - plain a float tensor [N, K] in the model's dtype (rows a file keeps unquantized, fused with quantized ones).
-The same bytes as the file, but for q4_k's and q6_k's (+1/8 and +0 bits per weight) and fp8's row-block scales.
+The same bytes as the file, but for the K-quants' (+1/8 bit per weight for q4_k and q5_k) and fp8's row-block scales.
 A weight is a list of row segments, one format each (a Q4_K_M file fuses Q6_K v rows with Q4_K q and k rows).
 """
 
@@ -24,8 +25,8 @@ from gguf import GGMLQuantizationType as Q
 
 from .quantized import FLOAT_DTYPES, QuantizedWeight, QuantSegment
 
-FORMATS = ("plain", "fp8", "q8_0", "q4_k", "q6_k")  # index = the kernels' FMT constant
-GGUF_FORMATS = {Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q6_K: "q6_k"}
+FORMATS = ("plain", "fp8", "q8_0", "q4_k", "q6_k", "q5_k")  # index = the kernels' FMT constant
+GGUF_FORMATS = {Q.Q8_0: "q8_0", Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 FP8_BLOCK = 128
 
 
@@ -111,7 +112,9 @@ def dequantize_segment(s: PlanarSegment, k: int) -> torch.Tensor:
     if s.fmt == "q8_0":
         return (s.q.float().unflatten(-1, (-1, 32)) * s.s.float()[..., None]).flatten(-2)
     low = torch.stack([s.q & 15, s.q >> 4], dim=-1).flatten(-2)  # [..., rows, K] natural order
-    if s.fmt == "q4_k":
+    if s.fmt == "q5_k":
+        low = low | (torch.stack([(s.q2 >> i) & 1 for i in range(8)], dim=-1).flatten(-2) << 4)
+    if s.fmt in ("q4_k", "q5_k"):
         d = s.d.float().repeat_interleave(8, -2)  # [..., rows, K/32, 2] per 32 values
         scale, low_end = d[..., 0] * s.s[..., 0].float(), d[..., 1] * s.s[..., 1].float()
         return (low.float().unflatten(-1, (-1, 32)) * scale[..., None] - low_end[..., None]).flatten(-2)
@@ -134,21 +137,27 @@ def from_gguf_segment(seg: QuantSegment, dtype: torch.dtype) -> PlanarSegment | 
     fmt = GGUF_FORMATS.get(seg.qtype)
     if fmt is None:
         return None
-    size = {"q8_0": 34, "q4_k": 144, "q6_k": 210}[fmt]
+    size = {"q8_0": 34, "q4_k": 144, "q5_k": 176, "q6_k": 210}[fmt]
     b = seg.data.unflatten(-1, (-1, size))  # [..., rows, blocks, size]
     lead = b.shape[:-2]
     if fmt == "q8_0":
         return PlanarSegment(fmt, b[..., 2:].contiguous().view(torch.int8).flatten(-2),
                              s=b[..., :2].contiguous().view(torch.float16)[..., 0])
-    if fmt == "q4_k":
+    if fmt in ("q4_k", "q5_k"):
         sc = b[..., 4:16].to(torch.int32)  # 12 bytes: 6-bit scales and mins of 8 sub-blocks
         low6 = torch.cat([sc[..., 0:4] & 63, sc[..., 4:8] & 63], -1)  # scales 0-3 | mins 0-3
         scales = torch.cat([low6[..., :4], (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)], -1)
         mins = torch.cat([low6[..., 4:], (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], -1)
-        qs = b[..., 16:].unflatten(-1, (4, 32))  # 4 chunks of 64 values: low nibbles first, then high
+        qs = b[..., -128:].unflatten(-1, (4, 32))  # 4 chunks of 64 values: low nibbles first, then high
         codes = torch.stack([qs & 15, qs >> 4], dim=-2).flatten(-3)  # [..., blocks, 256] natural order
+        high = None
+        if fmt == "q5_k":  # value 32i + l's fifth bit at bit i of qh byte l -> value 8j + i at bit i of byte j
+            qh = b[..., 16:48]
+            bits = torch.stack([(qh >> i) & 1 for i in range(8)], dim=-2).flatten(-2)  # [..., blocks, 256]
+            bits = bits.flatten(-2).unflatten(-1, (-1, 8))
+            high = sum(bits[..., i] << i for i in range(8)).to(torch.uint8)
         return PlanarSegment(fmt, _pairs(codes.flatten(-2)),
-                             s=torch.stack([scales, mins], -1).to(torch.uint8).flatten(-3, -2),
+                             s=torch.stack([scales, mins], -1).to(torch.uint8).flatten(-3, -2), q2=high,
                              d=b[..., :4].contiguous().view(torch.float16).view(*lead, -1, 2))
     ql = b[..., :128].unflatten(-1, (2, 64))  # value 128h + 64i + j: nibble i of ql byte 64h + j
     qh = b[..., 128:192].unflatten(-1, (2, 32))  # value 128h + 32i + j: bits 2i of qh byte 32h + j

@@ -1,10 +1,10 @@
-"""Q4_K and Q6_K quantizers (gguf-py ships dequantizers for the K-quants but no quantizers).
+"""Q4_K, Q5_K and Q6_K quantizers (gguf-py ships dequantizers for the K-quants but no quantizers).
 
 Byte layouts are ggml's, written as the exact inverse of gguf-py's dequantizers, which the tests use
 as the oracle. Scales are chosen by plain min/max rounding (llama.cpp additionally searches for
 error-minimising scales), so files are valid but a little less accurate than llama-quantize's.
 
-N = super-blocks of 256 values; each holds sub-blocks of 16 (Q6_K) or 32 (Q4_K) values.
+N = super-blocks of 256 values; each holds sub-blocks of 16 (Q6_K) or 32 (Q4_K, Q5_K) values.
 """
 
 from __future__ import annotations
@@ -45,27 +45,47 @@ def q6_k_blocks(x: torch.Tensor) -> torch.Tensor:
                       _f16_bytes(d)], dim=1)
 
 
-def q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
-    """[N, 256] float32 -> [N, 144] bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, qs[128]."""
+def _k_codes(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, 256] float32 -> (f16 bytes of d and dmin [N, 4], 12 bytes of 6-bit scales/mins [N, 12], codes 0..top
+    [N, 8, 32]) of Q4_K (top 15) and Q5_K (top 31): value = d*sc*q - dmin*m per sub-block of 32."""
     n = x.shape[0]
     g = x.reshape(n, 8, 32)
-    lo_v = g.amin(dim=2).clamp_max(0)  # value = d*sc*q - dmin*m with m >= 0, so the offset is <= 0
-    scale = (g.amax(dim=2) - lo_v) / 15  # [N, 8]
+    lo_v = g.amin(dim=2).clamp_max(0)  # m >= 0, so the offset is <= 0
+    scale = (g.amax(dim=2) - lo_v) / top  # [N, 8]
     d = (scale.amax(dim=1) / 63).half().float()
     dmin = ((-lo_v).amax(dim=1) / 63).half().float()
     sc = torch.round(_div(scale, d[:, None])).clamp(0, 63).to(torch.uint8)
     m = torch.round(_div(-lo_v, dmin[:, None])).clamp(0, 63).to(torch.uint8)
     step, offset = (d[:, None] * sc)[..., None], (dmin[:, None] * m)[..., None]
-    q = torch.round(_div(g + offset, step)).clamp(0, 15).to(torch.uint8)  # [N, 8, 32]
-
+    q = torch.round(_div(g + offset, step)).clamp(0, top).to(torch.uint8)  # [N, 8, 32]
     # scales 0-3 / mins 0-3 in the low 6 bits of bytes 0-3 / 4-7; scales and mins 4-7 split 4+2 bits
     packed = torch.cat([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
                         (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)], dim=1)
-    qs = q[:, 0::2] | (q[:, 1::2] << 4)  # sub-blocks 2c (low nibble) and 2c+1 (high) share 32 bytes
-    return torch.cat([_f16_bytes(d), _f16_bytes(dmin), packed, qs.reshape(n, 128)], dim=1)
+    return torch.cat([_f16_bytes(d), _f16_bytes(dmin)], dim=1), packed, q
 
 
-K_QUANTIZERS = {GGMLQuantizationType.Q6_K: q6_k_blocks, GGMLQuantizationType.Q4_K: q4_k_blocks}
+def _low_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """codes [N, 8, 32] -> qs [N, 128]: sub-blocks 2c (low nibble) and 2c+1 (high) share 32 bytes."""
+    low = q & 0xF
+    return (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(q.shape[0], 128)
+
+
+def q4_k_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[N, 256] float32 -> [N, 144] bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, qs[128]."""
+    d, packed, q = _k_codes(x, 15)
+    return torch.cat([d, packed, _low_nibbles(q)], dim=1)
+
+
+def q5_k_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[N, 256] float32 -> [N, 176] bytes: as Q4_K with qh[32] before qs, value 32i + l's fifth bit at bit i of
+    qh byte l."""
+    d, packed, q = _k_codes(x, 31)
+    qh = sum(((q[:, i] >> 4) << i) for i in range(8)).to(torch.uint8)  # [N, 32]
+    return torch.cat([d, packed, qh, _low_nibbles(q)], dim=1)
+
+
+K_QUANTIZERS = {GGMLQuantizationType.Q6_K: q6_k_blocks, GGMLQuantizationType.Q4_K: q4_k_blocks,
+                GGMLQuantizationType.Q5_K: q5_k_blocks}
 
 
 def quantize_k(rows: np.ndarray | torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray | torch.Tensor:

@@ -2,7 +2,7 @@
 
 On the CPU with float32 activations, weight matrices keep the format the file stores them in (bf16 tensors stay
 bf16, GGUF blocks stay blocks: QuantizedWeight) and the CPU runner packs them for the native kernels. On CUDA,
-quantized matrices (block-FP8; GGUF Q8_0, Q4_K, Q6_K) stay quantized in the CUDA kernels' planar layouts
+quantized matrices (block-FP8; GGUF Q8_0, Q4_K, Q5_K, Q6_K) stay quantized in the CUDA kernels' planar layouts
 (PlanarWeight); any other tensor is converted to the model's dtype (other GGUF block types dequantized, with a warning).
 """
 
@@ -125,7 +125,7 @@ def planar_weight(ckpt, recipe, build, cols: slice | None, dtype: torch.dtype) -
     if not isinstance(weight, QuantizedWeight):
         return weight
     if (out := from_quantized(weight, dtype)) is None:
-        log.warning("%s (%s rows): the CUDA kernels compute on Q8_0, Q4_K and Q6_K (one format per expert "
+        log.warning("%s (%s rows): the CUDA kernels compute on Q8_0, Q4_K, Q5_K and Q6_K (one format per expert "
                     "stack); dequantized to %s at load", names[0], "/".join(weight.qtypes), dtype)
         return weight.dequantize()
     return out

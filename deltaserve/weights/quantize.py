@@ -1,6 +1,6 @@
 """A float weight quantized into a PlanarWeight of a chosen format, on its own device: the way tests and benchmarks
 make CUDA-quantized models of any size without writing a file. The blocks are those a file would hold (FP8 as
-`write_fp8_checkpoint` writes it, Q4_K / Q6_K as `kquants` writes them for a GGUF file; Q8_0 as llama.cpp defines
+`write_fp8_checkpoint` writes it, the K-quants as `kquants` writes them for a GGUF file; Q8_0 as llama.cpp defines
 it: d = max|w| / 127 per 32 values, q = round(w / d))."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ CHUNK = 1 << 25  # values quantized at a time (the float32 temporaries of a 35M-
 
 
 def quantize_planar(w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> PlanarWeight:
-    """w [..., N, K] float -> PlanarWeight in fmt ('fp8', 'q8_0', 'q4_k', 'q6_k') for activations of dtype;
+    """w [..., N, K] float -> PlanarWeight in fmt ('fp8', 'q8_0', 'q4_k', 'q5_k', 'q6_k') for activations of dtype;
     a large w a chunk of leading rows (or experts) at a time."""
     step = max(1, CHUNK // (w[0].numel()))
     if w.dim() == 2:
@@ -43,7 +43,7 @@ def _quantize_segment(w: torch.Tensor, fmt: str, dtype: torch.dtype) -> PlanarSe
         inv = torch.where(d > 0, 1 / d.float(), torch.zeros_like(d, dtype=torch.float32))
         codes = torch.round(groups * inv[..., None]).clamp(-127, 127).to(torch.int8).flatten(-2)
         return PlanarSegment("q8_0", codes, s=d)
-    qtype = {"q4_k": Q.Q4_K, "q6_k": Q.Q6_K}[fmt]
+    qtype = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}[fmt]
     return from_gguf_segment(QuantSegment(qtype, quantize_k(w, qtype)), dtype)
 
 

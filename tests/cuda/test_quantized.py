@@ -27,7 +27,7 @@ from deltaserve.weights.quantize import quantize_model, quantize_planar  # noqa:
 from drive import drive  # noqa: E402
 from tiny_models import save_hf_model  # noqa: E402
 
-FMTS = ["fp8", "q8_0", "q4_k", "q6_k"]
+FMTS = ["fp8", "q8_0", "q4_k", "q5_k", "q6_k"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

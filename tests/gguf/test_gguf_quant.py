@@ -31,7 +31,7 @@ from deltaserve.weights.kquants import quantize_k
 from deltaserve.weights.loader import load_model
 from tiny_models import ARCHS, dense_state_dict, save_hf_model
 
-ROW_BOUND = {"q8_0": 0.00443, "q6_k": 0.0354, "q4_k": 0.092}  # worst case incl. fallbacks (Q8_0, F16)
+ROW_BOUND = {"q8_0": 0.00443, "q6_k": 0.0354, "q5_k": 0.046, "q4_k": 0.092}  # worst case incl. fallbacks (Q8_0, F16)
 # dims that are multiples of 256, so K-quants apply to every weight matrix; every expert routed (top-k = E)
 KQUANT_DIMS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
@@ -40,7 +40,7 @@ MOE = dict(num_experts=4, num_experts_per_tok=4, moe_intermediate_size=256, shar
 PROMPT = list(range(3, 243, 5))  # 48 tokens
 
 
-@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q4_K])
+@pytest.mark.parametrize("qtype", [Q.Q6_K, Q.Q5_K, Q.Q4_K])
 def test_k_quantizers_invert_ggufs_dequantizers(qtype):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((24, 512)) * np.exp(2 * rng.standard_normal((24, 1)))).astype(np.float32)

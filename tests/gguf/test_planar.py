@@ -20,7 +20,7 @@ from drive import prompt_logits
 from gguf_edit import random_blocks
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
 @pytest.mark.parametrize("shape", [(16, 256), (3, 5, 512)], ids=str)
 def test_planar_layout_holds_the_files_values(qtype, shape):
     data = random_blocks(qtype, shape)
@@ -34,7 +34,7 @@ def test_planar_layout_holds_the_files_values(qtype, shape):
         rows = torch.tensor([5, 0, 15, 5])
         assert torch.equal(w.dequantize(rows), oracle[rows])
     file_bytes = data.nbytes
-    assert w.nbytes <= file_bytes * {Q.Q8_0: 1.0, Q.Q4_K: 1.03, Q.Q6_K: 1.0}[qtype]
+    assert w.nbytes <= file_bytes * {Q.Q8_0: 1.0, Q.Q4_K: 1.03, Q.Q5_K: 1.03, Q.Q6_K: 1.0}[qtype]
 
 
 def test_rows_of_several_formats_and_unsupported_types():
@@ -45,8 +45,8 @@ def test_rows_of_several_formats_and_unsupported_types():
     assert [s.fmt for s in w.segments] == ["q6_k", "q4_k", "q8_0"] and torch.equal(w.dequantize(), full)
     rows = torch.tensor([9, 0, 4, 3, 8])
     assert torch.equal(w.dequantize(rows), full[rows])
-    q5 = QuantSegment(Q.Q5_K, torch.from_numpy(random_blocks(Q.Q5_K, (4, 256))))
-    assert from_quantized(QuantizedWeight((4, 256), [q5]), torch.float32) is None  # dequantized at load instead
+    q3 = QuantSegment(Q.Q3_K, torch.from_numpy(random_blocks(Q.Q3_K, (4, 256))))
+    assert from_quantized(QuantizedWeight((4, 256), [q3]), torch.float32) is None  # dequantized at load instead
     stack = [QuantSegment(q, torch.from_numpy(random_blocks(q, (2, 3, 256)))) for q in (Q.Q4_K, Q.Q6_K)]
     assert from_quantized(QuantizedWeight((2, 6, 256), stack), torch.float32) is None  # the MoE kernels: one format
 
@@ -65,7 +65,7 @@ def test_mix_file_loads_planar_and_matches_its_float_model(mix_gguf, caplog):
     assert "q_proj.weight (Q4_K/Q4_0/Q6_K rows): the CUDA kernels compute on" in caplog.text  # Q4_0 k rows
     gdn, moe = planar.layers[0].mixer, planar.layers[0].ffn
     assert [s.fmt for s in gdn.in_proj.weight.segments] == ["q6_k", "q4_k", "q8_0"]
-    assert isinstance(gdn.out_proj.weight, torch.Tensor)  # Q5_K: dequantized
+    assert [s.fmt for s in gdn.out_proj.weight.segments] == ["q5_k"]
     assert moe.experts_gate_up.fmt == "q4_k" and moe.experts_down.fmt == "q6_k"
     assert isinstance(planar.layers[1].ffn.experts_down, torch.Tensor)  # Q3_K: dequantized
     reference, _ = load_model(mix_gguf, planar=True)

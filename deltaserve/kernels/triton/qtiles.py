@@ -20,6 +20,7 @@ from .qgemv_i8 import small_int
 def code_tile(q, s, q2, d, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr):
     """W[rows, k0:k0+BK] of a scaled format (FMT > 0) as (codes float32 [BN, BK], integers; scale, offset float32
     [BN, BK/GS]): W = codes * scale - offset per group of GS (rows [BN] int64 in bounds, K % BK == 0)."""
+    BN: tl.constexpr = rows.shape[0]
     r = rows[:, None]
     og = k0 // GS + tl.arange(0, BK // GS)[None, :]  # [1, BK/GS] group index along K
     if FMT == 1:  # fp8: q * s[row // RB, k // 128]
@@ -33,7 +34,10 @@ def code_tile(q, s, q2, d, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, GS:
     else:  # the K-quants: 4 low bits two to a byte, then per-format high bits and scales
         b = tl.load(q + r * (K // 2) + (k0 // 2 + tl.arange(0, BK // 2))[None, :])
         low = tl.interleave(b & 15, b >> 4)  # [BN, BK] natural order
-        if FMT == 3:  # q4_k: d * sc * q - dmin * m
+        if FMT == 5:  # q5_k: the fifth bit of value 8j + i at bit i of q2 byte j
+            h = tl.load(q2 + r * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, :])
+            low = low | tl.reshape(((h[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1) << 4, (BN, BK))
+        if FMT == 3 or FMT == 5:  # q4_k, q5_k: d * sc * q - dmin * m
             codes = small_int(low)
             p_s = s + (r * (K // 32) + og) * 2
             p_d = d + (r * (K // 256) + og // 8) * 2
@@ -94,9 +98,14 @@ def dot_step(q, s, q2, d, xb, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, 
             sh = (j % 2) * 4
             lo = lo | (((h >> sh) & 3) << 4)
             hi = hi | (((h >> (sh + 2)) & 3) << 4)
+        elif FMT == 5:  # q5_k: the fifth bit of value v at bit v % 8 of q2 byte v // 8
+            h = tl.load(q2 + r * (K // 8) + k0 // 8 + g * (GS // 8) + j // 4).to(tl.int32)
+            sh = (j % 4) * 2
+            lo = lo | (((h >> sh) & 1) << 4)
+            hi = hi | (((h >> (sh + 1)) & 1) << 4)
         dot = tl.sum(small_int(lo) * xe + small_int(hi) * xo, axis=2)  # [BN, BK/GS]
         xsum = tl.sum(xe + xo, axis=2)  # [1, BK/GS]
-        if FMT == 3:  # q4_k: d * sc * dot - dmin * m * sum(x)
+        if FMT == 3 or FMT == 5:  # q4_k, q5_k: d * sc * dot - dmin * m * sum(x)
             p_s = s + (rows[:, None] * (K // 32) + og) * 2
             p_d = d + (rows[:, None] * (K // 256) + og // 8) * 2
             out = tl.load(p_d).to(tl.float32) * tl.load(p_s).to(tl.float32) * dot - \
@@ -108,7 +117,7 @@ def dot_step(q, s, q2, d, xb, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, 
 
 
 GEMM_BN = 64  # weight rows per program of the GEMMs (qlinear.qgemm_kernel, qgemm_i8)
-GROUP = {"plain": 1, "fp8": 128, "q8_0": 32, "q4_k": 32, "q6_k": 16}
+GROUP = {"plain": 1, "fp8": 128, "q8_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16}
 
 
 def kernel_args(seg: PlanarSegment, bk: int) -> tuple:
@@ -121,7 +130,7 @@ def kernel_args(seg: PlanarSegment, bk: int) -> tuple:
 
 def block_k(fmt: str, k: int, most: int) -> int:
     """The widest BK <= most dividing K that holds whole scale groups (0: none)."""
-    least = {"fp8": 16, "q8_0": 32, "q4_k": 32, "q6_k": 16}.get(fmt, 16)
+    least = {"fp8": 16, "q8_0": 32, "q4_k": 32, "q5_k": 32, "q6_k": 16}.get(fmt, 16)
     sizes = (4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
     return next((b for b in sizes if least <= b <= most and k % b == 0), 0)
 

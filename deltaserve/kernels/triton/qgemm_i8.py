@@ -1,5 +1,5 @@
-"""Products of many rows with GGUF-quantized weights (q8_0, q4_k, q6_k) on int8 x, on tensor cores: x's int8 codes
-(quantize_x, qgemv_i8.py) and the weights' integer codes meet as float16 tiles, one exact product per group of 32
+"""Products of many rows with GGUF-quantized weights (q8_0, q4_k, q5_k, q6_k) on int8 x, on tensor cores: x's int8
+codes (quantize_x, qgemv_i8.py) and the weights' integer codes meet as float16 tiles, one exact product per group of 32
 columns (integers: float32 sums below 2^24), then the group's scales in the GEMV's order. A row's result equals the
 dp4a GEMV's (qgemv_i8) up to the order of float sums, at any T: so a sequence's result does not move by x's
 rounding when its step crosses qgemv_i8.I8_ROWS rows. The MoE's grouped matmuls (moe.py) call i8_group too.
@@ -20,8 +20,8 @@ from .qtiles import GEMM_BN, code_tile, kernel_args
 @triton.jit
 def i8_group(a, x_d, x_sum, q, s, q2, d, rows, k0, K, FMT: tl.constexpr):
     """[BM, BN] float32: columns k0..k0+31 of x . W[rows]^T for x rows as int8 codes (a [BM, 32] float16 integers,
-    x_d [BM, 1] their scale, x_sum [BM, 1] float32 their sum), W q8_0 / q4_k / q6_k: an exact integer product on
-    tensor cores (float32 sums below 2^24), then the group's scales, the math of qgemv_i8 per row."""
+    x_d [BM, 1] their scale, x_sum [BM, 1] float32 their sum), W q8_0 / q4_k / q5_k / q6_k: an exact integer product
+    on tensor cores (float32 sums below 2^24), then the group's scales, the math of qgemv_i8 per row."""
     BN: tl.constexpr = rows.shape[0]
     if FMT == 4:  # q6_k: a scale per 16 columns: two products, each over x with the other half zeroed (splitting
         # the [.., 32] tiles into halves for K = 16 products compiled wrong on an H100, right in the interpreter)
@@ -37,7 +37,7 @@ def i8_group(a, x_d, x_sum, q, s, q2, d, rows, k0, K, FMT: tl.constexpr):
         dot = tl.dot(a, tl.trans(codes.to(tl.float16)))  # [BM, BN] integers
         if FMT == 2:  # q8_0
             out = dot * tl.reshape(scale, (1, BN)) * x_d
-        else:  # q4_k: d * sc * dot - dmin * m * sum(x)
+        else:  # q4_k, q5_k: d * sc * dot - dmin * m * sum(x)
             out = (tl.reshape(scale, (1, BN)) * dot - tl.reshape(offset, (1, BN)) * x_sum) * x_d
     return out
 

@@ -1,11 +1,11 @@
-"""Few-row products with GGUF-quantized weights (q8_0, q4_k, q6_k) on integer dot products, llama.cpp's MMVQ way:
+"""Few-row products with GGUF-quantized weights (q8_0, q4_k, q5_k, q6_k) on integer dot products, llama.cpp's MMVQ way:
 x is quantized per 32 values to int8 (scale absmax / 127), and each weight word meets an x word in one `dp4a`
 (4 byte products summed into an int32). A float GEMV (qtiles.dot_step) spends ~14 instructions per 4-bit weight
 unpacking nibbles one by one, more than HBM's pace allows; here a 32-bit word of 8 nibbles takes 3 integer
 operations and 2 dp4a, and floats appear once per group of 32 (or 16) values.
 
 Letters: N = output rows, K = inputs, BN/BK = rows per program / columns per step, G = K / 32. Planes as in
-kernels/gpu_quant.py, read as int32 words: q8_0 word i = values 4i..4i+3; q4_k / q6_k word i = values 8i..8i+7
+kernels/gpu_quant.py, read as int32 words: q8_0 word i = values 4i..4i+3; the K-quants' word i = values 8i..8i+7
 with the even values in the low nibbles. So x is packed in the matching order: natural (q8_0), or per 8 values
 [x0 x2 x4 x6 | x1 x3 x5 x7] (SPLIT, the 4-bit formats), each packed word beside its nibbles' partner.
 Only bf16 / fp16 rows take this path (float32 models keep the exact float GEMV), up to I8_ROWS of them (decode
@@ -26,7 +26,7 @@ import triton.language as tl
 from ..gpu_quant import FORMATS, PlanarSegment
 from .linear import pdl, x_block
 
-I8_FORMATS = ("q8_0", "q4_k", "q6_k")
+I8_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
 ASM = True  # False: dp4a as four byte products in Triton (Triton's CPU interpreter cannot run inline PTX)
 
 
@@ -114,6 +114,10 @@ def group_dots(qw, q2, xq, rows, k0, K, FMT: tl.constexpr, BK: tl.constexpr, ASM
         t = (h & 0xF) | ((h & 0xF0) << 4) | ((h & 0xF00) << 8) | ((h & 0xF000) << 12)  # nibble b -> byte b
         lo = lo | ((t & 0x03030303) << 4)
         hi = hi | ((t & 0x0C0C0C0C) << 2)
+    elif FMT == 5:  # q5_k: bit 4 from q2, whose byte i holds value 8i + v's at bit v: even v to lo, odd to hi
+        h = tl.load(q2 + r * (K // 8) + (k0 // 8 + tl.arange(0, BK // 8))[None, :]).to(tl.int32) & 0xFF
+        lo = lo | ((h & 1) << 4) | ((h & 4) << 10) | ((h & 16) << 16) | ((h & 64) << 22)
+        hi = hi | ((h & 2) << 3) | ((h & 8) << 9) | ((h & 32) << 15) | ((h & 128) << 21)
     p = dp4a(hi, xo[None, :], dp4a(lo, xe[None, :], tl.zeros_like(w), True, ASM), True, ASM)
     return tl.sum(tl.reshape(p, (BN, BK // 16, 2)), axis=2)
 
@@ -141,7 +145,7 @@ def i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT: tl.constexpr, BK: tl.con
     dot = signed(tl.sum(tl.reshape(dots, (BN, BK // 32, 2)), axis=2))  # [BN, BK/32]
     if FMT == 2:  # q8_0: s float16 [N, G]
         return dot * tl.load(s + r * (K // 32) + og).to(tl.float32) * x_d
-    # q4_k: d * sc * dot - dmin * m * sum(x)
+    # q4_k, q5_k: d * sc * dot - dmin * m * sum(x)
     x_sum = signed(tl.sum(tl.reshape(tl.load(xs + k0 // 16 + tl.arange(0, BK // 16)), (BK // 32, 2)), axis=1))
     p_s = s + (r * (K // 32) + og) * 2
     p_d = d + (r * (K // 256) + og // 8) * 2
@@ -210,7 +214,8 @@ def quantize_x(x: torch.Tensor, split: bool,
 def planes_i8(seg: PlanarSegment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes as int32 words, group scales, q6_k's high bits as int16 words, super-block scales) of a segment, planes
     a format lacks passed as the scales."""
-    return (seg.q.view(torch.int32), seg.s, seg.q2.view(torch.int16) if seg.q2 is not None else seg.s,
+    return (seg.q.view(torch.int32), seg.s, seg.q2.view(torch.int16) if seg.fmt == "q6_k" else
+            seg.q2 if seg.q2 is not None else seg.s,
             seg.d if seg.d is not None else seg.s)
 
 

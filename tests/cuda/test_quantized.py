@@ -243,5 +243,6 @@ def test_quantized_model_logits_and_solo_equality(models, name, check):
         requests = [(f"r{i}", [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, 40))],
                      SamplingParams(max_tokens=6, temperature=0), rng.randint(0, 4), None) for i in range(np_ + 2)]
         together = drive(eng, requests)
-        for rid, prompt, params, _, _ in requests:
+        # each solo run costs a few steps (and captures): 10 of the sequences that ran among the others suffice
+        for rid, prompt, params, _, _ in rng.sample(requests, min(10, len(requests))):
             assert together[rid][0] == drive(eng, [(rid + "s", prompt, params, 0, None)])[rid + "s"][0], rid

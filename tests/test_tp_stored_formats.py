@@ -10,16 +10,18 @@ import logging
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf.quants import quantize
 
 from deltaserve import LLMEngine
 from deltaserve.kernels.gpu_quant import PlanarWeight
-from deltaserve.kernels.quantized import QuantizedWeight
+from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 from deltaserve.parallel.shard import shard_param
 from deltaserve.weights.fp8 import write_fp8_checkpoint
 from deltaserve.weights.gguf_export import export_gguf
 from deltaserve.weights.gguf_file import GGUFFile
 from deltaserve.weights.kquants import quantize_k
 from deltaserve.weights.loader import load_model, matrix_params
+from deltaserve.weights.rows import combine_rows
 from drive import prompt_logits
 from tiny_models import ARCHS, save_hf_model
 
@@ -97,3 +99,13 @@ def test_tp2_on_a_quantized_file_runs_as_tp1(files, arch):
         # the ranks' partial sums add in another order than one dot product; the int8 rounding of the next
         # layer's activations magnifies that (a wrong slice would be off by O(1))
         assert float((got - want).norm() / want.norm()) <= 3e-2
+
+
+def test_a_column_permuted_weight_keeps_its_rows_or_fails():
+    """weights/rows.py keeps a GGUF column permutation only where nothing moves rows (a rank's rows of such a matrix
+    would otherwise be silently the whole matrix)."""
+    data = torch.from_numpy(quantize(torch.randn(4, 64).numpy(), Q.Q8_0))
+    w = QuantizedWeight((4, 64), [QuantSegment(Q.Q8_0, data)], col_perm=torch.arange(64).flip(0))
+    assert combine_rows(lambda ts: ts[0], [w]) is w
+    with pytest.raises(ValueError, match="cannot be fused with others or have its rows moved"):
+        combine_rows(lambda ts: ts[0][:2], [w])

@@ -28,8 +28,9 @@ def combine_rows(build: Callable[[list], torch.Tensor], parts: list[Part]) -> Pa
     if all(isinstance(p, torch.Tensor) for p in parts) and len({p.dtype for p in parts}) == 1:
         return build(parts)
     if any(isinstance(p, QuantizedWeight) and p.col_perm is not None for p in parts):
-        if len(parts) != 1:
-            raise ValueError("a column-permuted weight cannot be fused with others")
+        rows = torch.arange(prod(parts[0].shape[:-1])).view(*parts[0].shape[:-1], 1)
+        if len(parts) != 1 or not torch.equal(build([rows]), rows):
+            raise ValueError("a column-permuted weight cannot be fused with others or have its rows moved")
         return parts[0]
     k = parts[0].shape[-1]
     qtype_of, pos_of, tables = [], [], {}  # per global row: its format and index in that format's table

@@ -23,6 +23,7 @@ from deltaserve.weights.kquants import quantize_k
 from deltaserve.weights.loader import load_model, matrix_params
 from deltaserve.weights.rows import combine_rows
 from drive import prompt_logits
+from gguf_edit import rewrite_gguf
 from tiny_models import ARCHS, save_hf_model
 
 # widths whose halves are whole 256-blocks, and 4 key heads: Qwen3-Next's V-head regrouping (a column
@@ -34,8 +35,6 @@ DIMS = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_
 
 def k_quant_file(f32, dst):
     """The f32 export with every matrix in Q4_K (down projections and the head in Q6_K), as a Q4_K_M file mixes them."""
-    from gguf_edit import rewrite_gguf  # tests/gguf's file editor
-
     f = GGUFFile(f32)
     retype = {}
     for name in f.tensors:
@@ -48,9 +47,6 @@ def k_quant_file(f32, dst):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent / "gguf"))
     out = {}
     for arch in ARCHS:
         d = tmp_path_factory.mktemp(f"tp_{arch}")

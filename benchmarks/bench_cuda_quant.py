@@ -249,7 +249,8 @@ def kernels(bandwidth: float, sweep: bool) -> list[str]:
                 t = do_bench(lambda: fn(ws[next(it) % len(ws)]), warmup=25, rep=100, return_mode="median") / 1e3
                 try:  # never run on a GPU when written: a failure costs its column, not the table
                     tc = chained_time(fn, ws)
-                    chained = f"{tc * 1e6:.1f} | " + ("- |" if name == "quantize x" else f"{w0.nbytes / tc / bandwidth:.2f} |")
+                    ratio = "-" if name == "quantize x" else f"{w0.nbytes / tc / bandwidth:.2f}"
+                    chained = f"{tc * 1e6:.1f} | {ratio} |"
                 except RuntimeError as e:
                     chained = f"- | - | ({str(e).splitlines()[0][:80]})"
                 moved = f"- | - | {chained}" if name == "quantize x" else \

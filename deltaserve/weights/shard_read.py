@@ -54,10 +54,10 @@ def rank_plan(param: str, recipe, cfg: ModelConfig, rank: int, size: int) -> tup
     """(build, cols) for a weight kept in its stored format: the rank's shard of param is build(each source's
     columns cols, or whole sources where cols is None). build still only moves whole rows (weights/rows.py runs it
     on row numbers): the recipe's fusion, then shard_param's row selection where the rank splits rows."""
-    full = recipe.combine([torch.empty(shape, device="meta") for _, shape in recipe.sources]).shape
-    k = full[-1]
     if size == 1:
         return recipe.combine, None
+    full = recipe.combine([torch.empty(shape, device="meta") for _, shape in recipe.sources]).shape
+    k = full[-1]
     if shard_param(param, torch.empty(full, device="meta"), cfg, rank, size).shape[-1] != k:
         return recipe.combine, slice(rank * k // size, (rank + 1) * k // size)  # row-parallel: columns split
     return (lambda parts: shard_param(param, recipe.combine(parts), cfg, rank, size)), None

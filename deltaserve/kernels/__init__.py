@@ -210,9 +210,15 @@ def _prologue_linear(x, z, norm_w, eps, weight, gated: bool) -> torch.Tensor | N
 
 def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
     """SiLU(gate) * up of one row x [1, D] times gate_up [2I, D] (rows [gate | up]) -> [1, I] in one launch (the
-    CUDA GEMV with the SwiGLU in its epilogue, bf16/fp16, no autograd); None elsewhere (then: the product and
-    silu_mul)."""
-    if not x.is_cuda or torch.is_grad_enabled() or not isinstance(gate_up, torch.Tensor):
+    CUDA GEMV with the SwiGLU in its epilogue: bf16/fp16 float weights, or a PlanarWeight off the int8-x route; no
+    autograd); None elsewhere (then: the product and silu_mul)."""
+    if not x.is_cuda or torch.is_grad_enabled():
+        return None
+    if isinstance(gate_up, PlanarWeight):
+        from .triton.qlinear import swiglu_qgemv
+        fused = swiglu_qgemv(x, gate_up)
+        return None if fused is None else fused[1]
+    if not isinstance(gate_up, torch.Tensor):
         return None
     from .triton.linear import swiglu_gemv as cuda_swiglu_gemv
     return cuda_swiglu_gemv(x, gate_up)
@@ -220,12 +226,17 @@ def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
 
 def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm, gate_up) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The residual add, the RMSNorm after it and a dense MLP's SwiGLU half for one row: (x + y, SiLU(h Wg^T) *
-    (h Wu^T)) with h = norm(x + y), in one launch (CUDA GEMV, bf16/fp16, no autograd); None elsewhere (then:
+    (h Wu^T)) with h = norm(x + y), in one launch (CUDA GEMV: as swiglu_gemv; no autograd); None elsewhere (then:
     add_rms_norm and swiglu_gemv). x, y [1, D]; norm an RMSNorm; gate_up [2I, D] rows [gate | up]."""
-    if not x.is_cuda or torch.is_grad_enabled() or not isinstance(gate_up, torch.Tensor):
+    if not x.is_cuda or torch.is_grad_enabled():
         return None
-    from .triton.linear import add_norm_swiglu as cuda_add_norm_swiglu
-    return cuda_add_norm_swiglu(x, y, norm.weight, norm.eps, gate_up)
+    from .triton import linear as cuda_linear
+    if isinstance(gate_up, PlanarWeight) and cuda_linear.ADD_NORM_PROLOGUE:
+        from .triton.qlinear import swiglu_qgemv
+        return swiglu_qgemv(x, gate_up, y, norm.weight, norm.eps)
+    if not isinstance(gate_up, torch.Tensor):
+        return None
+    return cuda_linear.add_norm_swiglu(x, y, norm.weight, norm.eps, gate_up)
 
 
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,25 @@ def test_prologue_gemv_equals_the_norm_then_the_product(fmt, int8_x, monkeypatch
     assert torch.equal(ql.norm_qlinear(x, gate, gate, 0., w, gated=False), qlinear(gated, w))
 
 
+@pytest.mark.parametrize("i,k", [(96, 256), (2560, 1024), (64, 4608)], ids=str)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_swiglu_qgemv_equals_the_separate_kernels(fmt, i, k):
+    """A dense MLP's input half for one row in one quantized GEMV launch (SiLU(gate) * up in the epilogue; with the
+    residual add + RMS norm in the prologue) equals add_rms_norm, qlinear and silu_mul, bit for bit (Triton's
+    interpreter: every format, float32 and fp16, these shapes)."""
+    from deltaserve.kernels.triton.rowwise import add_rms_norm, gate_mul
+    g = torch.Generator().manual_seed(i + k)
+    w = quantize_planar(torch.randn(2 * i, k, generator=g).cuda() / k ** 0.5, fmt, torch.bfloat16)
+    x, y = (torch.randn(1, k, generator=g).cuda().bfloat16() for _ in range(2))
+    nw = (torch.randn(k, generator=g) * 0.1).cuda().bfloat16()
+    h = qlinear(x, w)
+    assert torch.equal(ql.swiglu_qgemv(x, w)[1], gate_mul(h[:, i:], h[:, :i], sigmoid=False))
+    total, out = ql.swiglu_qgemv(x, w, y, nw, 1e-6)
+    s, normed = add_rms_norm(x, y, nw, 1e-6)
+    h = qlinear(normed, w)
+    assert torch.equal(total, s) and torch.equal(out, gate_mul(h[:, i:], h[:, :i], sigmoid=False))
+
+
 def test_qlinear_rows_do_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(0)
     w = quantize_planar(torch.randn(512, 1024, generator=g).cuda(), "q4_k")
@@ -213,10 +232,15 @@ def models(tmp_path_factory):
         model, cfg = load_model(base, torch.float32, "cuda")
         assert quantize_model(model, lambda name: fmt) > 0
         out[fmt] = model, dequantized(model), cfg
+    # a dense model: its MLPs' decode rows take the quantized SwiGLU GEMV (the add + norm in its prologue)
+    dims = {k: v for k, v in DIMS.items() if "expert" not in k and "moe" not in k} | dict(intermediate_size=512)
+    model, cfg = load_model(save_hf_model("qwen3_5", root / "dense", **dims), torch.float32, "cuda")
+    assert quantize_model(model, lambda name: "q5_k") > 0
+    out["q5_k-dense"] = model, dequantized(model), cfg
     return out
 
 
-@pytest.mark.parametrize("name", ["fp8-file", "q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["fp8-file", "q8_0", "q4_k", "q6_k", "q5_k-dense"])
 def test_quantized_model_logits_and_solo_equality(models, name, check):
     model, ref, cfg = models[name]
     prompt = list(range(5, 60))

@@ -52,6 +52,19 @@ def _residual_sum(x, g, o_k):
 
 
 @triton.jit
+def residual_rinv(x, g, total, eps, K: tl.constexpr, BK: tl.constexpr):
+    """1 / rms of the residual sum s = x + g over the row (prologue 3; every program sums the whole row, program 0
+    stores s to total)."""
+    ss = 0.
+    for k0 in range(0, K, BK):
+        b_s = _residual_sum(x, g, k0 + tl.arange(0, BK))
+        ss += tl.sum(b_s * b_s, axis=0)
+        if tl.program_id(0) == 0:
+            tl.store(total + k0 + tl.arange(0, BK), b_s.to(total.dtype.element_ty))
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
 def gemv_block(acc, acc_u, p_w, p_u, o_k, m_n, b_x, GATED: tl.constexpr):
     """One K block of a GEMV over BN rows: acc += W[rows, o_k] * x[o_k] ([BN, BK] float32; b_x [1, BK]);
     GATED: also acc_u += U[rows, o_k] * x[o_k] for the up rows at p_u."""
@@ -94,13 +107,7 @@ def gemv_kernel(x, w, out, N, stride_w, g, stride_gh, nw, eps, K: tl.constexpr, 
         tl.extra.cuda.gdc_wait()
     rinv = 1.
     if PRO == 3:
-        ss = 0.
-        for k0 in range(0, K, BK):
-            b_s = _residual_sum(x, g, k0 + tl.arange(0, BK))
-            ss += tl.sum(b_s * b_s, axis=0)
-            if tl.program_id(0) == 0:
-                tl.store(total + k0 + tl.arange(0, BK), b_s.to(total.dtype.element_ty))
-        rinv = tl.rsqrt(ss / K + eps)
+        rinv = residual_rinv(x, g, total, eps, K, BK)
     b_x = x_block(x, g, stride_gh, nw, eps, o_k, BK, PRO, HD, rinv)[None, :]
     acc = b_w.to(tl.float32) * b_x
     acc_u = b_u.to(tl.float32) * b_x

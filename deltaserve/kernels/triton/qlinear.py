@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import PlanarSegment, PlanarWeight
-from .linear import linear as dense_linear, pdl, x_block
+from .linear import linear as dense_linear, pdl, residual_rinv, x_block
 from .qgemm_i8 import qgemm_i8
 from .qgemv_i8 import I8_ROWS, QX_SPAN, qgemv_i8, quantize_x, takes_i8
 from .qtiles import GEMM_BN, block_k, dot_step, kernel_args, w_tile
@@ -23,20 +23,33 @@ from .qtiles import GEMM_BN, block_k, dot_step, kernel_args, w_tile
 @triton.jit
 def qgemv_kernel(x, q, s, q2, d, out, N, g, stride_gh, nw, eps, K: tl.constexpr, FMT: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr, RB: tl.constexpr, PRO: tl.constexpr,
-                 HD: tl.constexpr, PDL: tl.constexpr):
+                 HD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False, total=None):
     """out[n] = W[n] . x for one row x [K], x through linear.gemv_kernel's prologue PRO (0: none; 1: the gated RMS
-    norm with gate g and weight nw per head of HD; 2: the sigmoid gate g). PDL: a programmatic dependent launch
-    (Hopper): it lets the next kernel launch, then waits for the previous one before reading or writing."""
+    norm with gate g and weight nw per head of HD; 2: the sigmoid gate g; 3: the residual add x + g (stored to total)
+    and RMS norm with weight nw). SWIGLU: W [2N, K] rows [gate | up], out[n] = SiLU(gate) * up of the two rows'
+    products, each rounded to out's dtype first (as silu_mul does on a product's output). PDL: a programmatic
+    dependent launch (Hopper): it lets the next kernel launch, then waits for the previous one before reading or
+    writing."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     o_n = tl.program_id(0) * BN + tl.arange(0, BN)
     rows = tl.minimum(o_n, N - 1).to(tl.int64)
+    rinv = 1.
+    if PRO == 3:
+        rinv = residual_rinv(x, g, total, eps, K, BK)
     acc = tl.zeros([BN, BK // GS], tl.float32)
+    acc_u = acc
     for k0 in range(0, K, BK):
-        xb = x_block(x, g, stride_gh, nw, eps, k0 + tl.arange(0, BK), BK, PRO, HD)
+        xb = x_block(x, g, stride_gh, nw, eps, k0 + tl.arange(0, BK), BK, PRO, HD, rinv)
         acc += dot_step(q, s, q2, d, xb, rows, k0, K, FMT, BK, GS, RB)
-    tl.store(out + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
+        if SWIGLU:
+            acc_u += dot_step(q, s, q2, d, xb, rows + N, k0, K, FMT, BK, GS, RB)
+    y = tl.sum(acc, axis=1)
+    if SWIGLU:
+        g_r = y.to(out.dtype.element_ty).to(tl.float32)
+        y = tl.sum(acc_u, axis=1).to(out.dtype.element_ty).to(tl.float32) * g_r * tl.sigmoid(g_r)
+    tl.store(out + o_n, y.to(out.dtype.element_ty), mask=o_n < N)
 
 
 @triton.jit
@@ -134,6 +147,30 @@ def norm_qlinear(x: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, eps: fl
     else:
         gemv(x, seg, out, pro)
     return out
+
+
+def swiglu_qgemv(x: torch.Tensor, w: PlanarWeight, y: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
+                 eps: float = 0.) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """A dense MLP's input half for one row in one launch: (None, SiLU(x Wg^T) * (x Wu^T) [1, I]) for w [2I, K] rows
+    [gate | up]; with y (and norm_w, eps) x is first the residual add s = x + y and its RMS norm (linear.
+    add_norm_swiglu's prologue): (s, the MLP half of norm(s)). None where it does not apply (several segments,
+    permuted columns, the int8-x route, more than one row)."""
+    seg, k = w.segments[0], x.shape[1]
+    if (len(w.segments) != 1 or w.col_perm is not None or seg.fmt == "plain" or x.shape[0] != 1 or seg.rows % 2
+            or not x.is_contiguous() or I8_GEMV and takes_i8(x, seg)
+            or y is not None and (not y.is_contiguous() or y.dtype != x.dtype)):
+        return None
+    n = seg.rows // 2
+    bn, bk = gemv_blocks(seg.fmt, seg.rows, k)  # the blocks of the product alone: each row's sums in its order
+    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    total = None if y is None else torch.empty_like(x)
+    on = pdl(x)
+    qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, x if y is None else y, 0,
+                                        x if norm_w is None else norm_w, eps, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,
+                                        PRO=0 if y is None else 3, HD=1, PDL=on, SWIGLU=True, total=total,
+                                        num_warps=GEMV_WARPS, launch_pdl=on)
+    return total, out
 
 
 def segment_product(x: torch.Tensor, seg: PlanarSegment, out: torch.Tensor) -> None:

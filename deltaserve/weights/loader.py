@@ -73,7 +73,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     planar = torch.device(device).type == "cuda" if planar is None else planar
     as_stored = torch.device(device).type == "cpu" and dtype == torch.float32 and not planar
     matrices = matrix_params(model) if as_stored or planar else set()
-    state, kept = {}, {}
+    state, kept, split = {}, {}, []  # split: matrices whose rank columns cut through the file's blocks
     for param, recipe in recipes.items():
         weight = None
         if param in matrices:
@@ -84,8 +84,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
                 weight = planar_weight(ckpt, recipe, build, cols, dtype) if planar else \
                     stored_weight(ckpt, recipe, build, cols)
                 if weight is None:
-                    log.warning("%s: rank %d's columns %s are not whole blocks of the file's format; read as %s",
-                                param, rank, cols, dtype)
+                    split.append(param)
             if isinstance(weight, PlanarWeight) or not planar and (isinstance(weight, QuantizedWeight) or
                                                                     weight is not None and weight.dtype != dtype):
                 kept[param] = weight.to(device) if planar else weight
@@ -94,6 +93,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
             weight = read_shard(ckpt, recipe, param, full_cfg, rank, size) if size > 1 else \
                 recipe.combine([ckpt.get(name) for name, _ in recipe.sources])
         state[param] = weight.to(device=device, dtype=dtype).contiguous()
+    if split:
+        log.warning("rank %d of %d: %d matrices read as %s, their columns split inside the file's blocks: %s", rank,
+                    size, len(split), dtype, _listing(split))
     model.load_state_dict(state, strict=False, assign=True)
     for param, weight in kept.items():
         module_name, _, attr = param.rpartition(".")

@@ -75,13 +75,27 @@ def test_each_rank_holds_its_slice_in_the_stored_format(files, arch, kind, plana
     for rank in range(2):
         with caplog.at_level(logging.WARNING, logger="deltaserve.weights.loader"):
             part, _ = load_model(path, planar=planar, tp=(rank, 2))
-        assert "not whole blocks" not in caplog.text
+        assert "split inside the file's blocks" not in caplog.text
         for name in matrix_params(part):
             w = getattr(part.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
             if isinstance(getattr(full.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]), stored):
                 assert isinstance(w, stored), name  # kept quantized on the rank too
             assert torch.equal(dense(w), shard_param(name, whole[name], cfg, rank, 2)), name
     assert part.weight_bytes() < 0.6 * full.weight_bytes() + 2 * cfg.vocab_size * cfg.hidden_size * 4
+
+
+def test_a_split_inside_blocks_reads_that_matrix_as_floats(tiny_dirs, tmp_path, caplog):
+    """The tiny fixture's experts are 32 wide: 16 columns a rank cut Q8_0's 32-blocks, so those matrices are read as
+    floats (one warning names them) and are still the rank's slice."""
+    path = export_gguf(tiny_dirs["qwen3_5_moe"], tmp_path / "q8_0.gguf", "q8_0")
+    full, cfg = load_model(path)
+    with caplog.at_level(logging.WARNING, logger="deltaserve.weights.loader"):
+        part, _ = load_model(path, tp=(1, 2))
+    assert "rank 1 of 2:" in caplog.text and "layers.0.ffn.experts_down" in caplog.text
+    w = part.layers[0].ffn.experts_down
+    assert isinstance(w, torch.Tensor)
+    assert torch.equal(w, shard_param("layers.0.ffn.experts_down", dense(full.layers[0].ffn.experts_down), cfg, 1, 2))
+    assert isinstance(part.layers[0].ffn.experts_gate_up, QuantizedWeight)  # rows split: still blocks
 
 
 @pytest.mark.parametrize("arch", ARCHS)

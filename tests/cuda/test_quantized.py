@@ -149,8 +149,9 @@ def test_prologue_gemv_equals_the_norm_then_the_product(fmt, int8_x, monkeypatch
 @pytest.mark.parametrize("fmt", FMTS)
 def test_swiglu_qgemv_equals_the_separate_kernels(fmt, i, k):
     """A dense MLP's input half for one row in one quantized GEMV launch (SiLU(gate) * up in the epilogue; with the
-    residual add + RMS norm in the prologue) equals add_rms_norm, qlinear and silu_mul, bit for bit (Triton's
-    interpreter: every format, float32 and fp16, these shapes)."""
+    residual add + RMS norm in the prologue) equals qlinear and silu_mul bit for bit, and add_rms_norm before them
+    up to the norm's sum of squares, which the prologue adds up per column block (Triton's interpreter: bit for bit
+    for every format, float32 and fp16, these shapes)."""
     from deltaserve.kernels.triton.rowwise import add_rms_norm, gate_mul
     g = torch.Generator().manual_seed(i + k)
     w = quantize_planar(torch.randn(2 * i, k, generator=g).cuda() / k ** 0.5, fmt, torch.bfloat16)
@@ -161,7 +162,8 @@ def test_swiglu_qgemv_equals_the_separate_kernels(fmt, i, k):
     total, out = ql.swiglu_qgemv(x, w, y, nw, 1e-6)
     s, normed = add_rms_norm(x, y, nw, 1e-6)
     h = qlinear(normed, w)
-    assert torch.equal(total, s) and torch.equal(out, gate_mul(h[:, i:], h[:, :i], sigmoid=False))
+    ref = gate_mul(h[:, i:], h[:, :i], sigmoid=False).float()
+    assert torch.equal(total, s) and float((out.float() - ref).norm() / ref.norm()) <= 1e-3
 
 
 def test_qlinear_rows_do_not_depend_on_the_batch():

@@ -4,7 +4,8 @@ Layers call these names only. CPU tensors run the native kernels (`cpu_native.py
 torch reference (`reference.py`, `quantized.py`); CUDA tensors run the Triton kernels of `triton/` (imported on
 first use, so CPU installs need no Triton), each checked against the reference in tests/cuda. A weight matrix
 is a float tensor, a QuantizedWeight (its GGUF blocks), a PlanarWeight (quantized for the CUDA kernels) or a packed
-CPU weight; `linear`, `embedding` and `sparse_moe` take all, the fused one-row paths only float tensors.
+CPU weight; `linear`, `embedding` and `sparse_moe` take all, the fused one-row CUDA paths float tensors and
+PlanarWeights.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@
 #   decode-unfused the same without the add + norm in the SwiGLU GEMV (triton/linear.py ADD_NORM_PROLOGUE off)
 #   quant-bench  benchmarks/bench_cuda_quant.py (issue 16: decode vs roofline per format, GEMV bandwidth)
 #   prefix       benchmarks/bench_prefix_cache.py --device cuda --dtype float32 --turns 8 --rounds 2 (issue 18)
+#   tp           tests/cuda/test_cuda_tensor_parallel.py (issue 19; needs a machine of 2+ GPUs, e.g. nvidia-h100-x2)
+#   tp-bench     benchmarks/bench_cuda_tp.py (issue 19: decode at TP = 1, 2, 4 against TP=1 and the roofline / TP)
 set -uo pipefail
 OUT=${OUT:-/tmp/device-out}
 mkdir -p "$OUT" /tmp/site
@@ -75,6 +77,8 @@ runpy.run_path('bench_cuda.py', run_name='__main__')") ;;
     quant-bench) (cd benchmarks && step quant-bench 540 python3 bench_cuda_quant.py) ;;
     prefix) (cd benchmarks && step prefix 300 python3 bench_prefix_cache.py --device cuda --dtype float32 --turns 8 \
                --rounds 2) ;;
+    tp) step tp 400 python3 -m pytest -q -x tests/cuda/test_cuda_tensor_parallel.py ;;
+    tp-bench) (cd benchmarks && step tp-bench 540 python3 bench_cuda_tp.py) ;;
     *) echo "unknown step $1" ;;
   esac
 }

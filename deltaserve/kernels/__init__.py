@@ -211,8 +211,8 @@ def _prologue_linear(x, z, norm_w, eps, weight, gated: bool) -> torch.Tensor | N
 
 def swiglu_gemv(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor | None:
     """SiLU(gate) * up of one row x [1, D] times gate_up [2I, D] (rows [gate | up]) -> [1, I] in one launch (the
-    CUDA GEMV with the SwiGLU in its epilogue: bf16/fp16 float weights, or a PlanarWeight off the int8-x route; no
-    autograd); None elsewhere (then: the product and silu_mul)."""
+    CUDA GEMV with the SwiGLU in its epilogue: bf16/fp16 float weights or a PlanarWeight (on int8 x: two launches);
+    no autograd); None elsewhere (then: the product and silu_mul)."""
     if not x.is_cuda or torch.is_grad_enabled():
         return None
     if isinstance(gate_up, PlanarWeight):

@@ -145,14 +145,19 @@ def test_prologue_gemv_equals_the_norm_then_the_product(fmt, int8_x, monkeypatch
     assert torch.equal(ql.norm_qlinear(x, gate, gate, 0., w, gated=False), qlinear(gated, w))
 
 
-@pytest.mark.parametrize("i,k", [(96, 256), (2560, 1024), (64, 4608)], ids=str)
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
+@pytest.mark.parametrize("i,k", [(96, 512), (2560, 1024), (64, 4608)], ids=str)
 @pytest.mark.parametrize("fmt", FMTS)
-def test_swiglu_qgemv_equals_the_separate_kernels(fmt, i, k):
+def test_swiglu_qgemv_equals_the_separate_kernels(fmt, i, k, int8_x, monkeypatch):
     """A dense MLP's input half for one row in one quantized GEMV launch (SiLU(gate) * up in the epilogue; with the
     residual add + RMS norm in the prologue) equals qlinear and silu_mul bit for bit, and add_rms_norm before them
     up to the norm's sum of squares, which the prologue adds up per column block (Triton's interpreter: bit for bit
-    for every format, float32 and fp16, these shapes)."""
+    for every format, float32 and fp16, these shapes; int8 x: the quantization with the add + norm, then the integer
+    GEMV with the SwiGLU, against add_rms_norm, qlinear on int8 x and silu_mul)."""
     from deltaserve.kernels.triton.rowwise import add_rms_norm, gate_mul
+    if int8_x and fmt not in qi.I8_FORMATS:
+        pytest.skip("fp8 has no int8-x path")
+    monkeypatch.setattr(ql, "I8_GEMV", int8_x)
     g = torch.Generator().manual_seed(i + k)
     w = quantize_planar(torch.randn(2 * i, k, generator=g).cuda() / k ** 0.5, fmt, torch.bfloat16)
     x, y = (torch.randn(1, k, generator=g).cuda().bfloat16() for _ in range(2))

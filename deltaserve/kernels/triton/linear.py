@@ -52,7 +52,7 @@ def _residual_sum(x, g, o_k):
 
 
 @triton.jit
-def residual_rinv(x, g, total, eps, K: tl.constexpr, BK: tl.constexpr):
+def residual_rinv(x, g, total, eps, K, BK: tl.constexpr):
     """1 / rms of the residual sum s = x + g over the row (prologue 3; every program sums the whole row, program 0
     stores s to total)."""
     ss = 0.

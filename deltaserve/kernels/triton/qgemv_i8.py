@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..gpu_quant import FORMATS, PlanarSegment
-from .linear import pdl, x_block
+from .linear import pdl, residual_rinv, x_block
 
 I8_FORMATS = ("q8_0", "q4_k", "q5_k", "q6_k")
 ASM = True  # False: dp4a as four byte products in Triton (Triton's CPU interpreter cannot run inline PTX)
@@ -63,10 +63,11 @@ def pack4(v):
 
 @triton.jit
 def quantize_x_kernel(x, stride_x, xq, xd, xs, K, g, stride_gh, nw, eps, BG: tl.constexpr, SPLIT: tl.constexpr,
-                      PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+                      PRO: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr, total=None):
     """Row r = program_id(1) of x [R, K] -> xq int32 [R, K / 4] words, xd float32 [R, G] scales (x ~ q * xd),
     xs int32 [R, K / 16] sums of q per 16. PRO > 0 (one row, K % (32 BG) == 0): x through linear.x_block's
-    prologue first. PDL: a programmatic dependent launch (waits for the previous kernel before reading x)."""
+    prologue first (PRO 3: the residual add, stored to total, and RMS norm). PDL: a programmatic dependent launch
+    (waits for the previous kernel before reading x)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -77,8 +78,11 @@ def quantize_x_kernel(x, stride_x, xq, xd, xs, K, g, stride_gh, nw, eps, BG: tl.
     if PRO == 0:
         b_x = tl.load(x + o_g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m_g[:, None], other=0.).to(tl.float32)
     else:
+        rinv = 1.
+        if PRO == 3:
+            rinv = residual_rinv(x, g, total, eps, K, BG * 32)
         o_k = tl.program_id(0) * BG * 32 + tl.arange(0, BG * 32)
-        b_x = tl.reshape(x_block(x, g, stride_gh, nw, eps, o_k, BG * 32, PRO, HD), (BG, 32))
+        b_x = tl.reshape(x_block(x, g, stride_gh, nw, eps, o_k, BG * 32, PRO, HD, rinv), (BG, 32))
     amax = tl.max(tl.abs(b_x), axis=1)  # [BG]
     scale = tl.math.div_rn(amax, 127.)
     # IEEE division (Triton's `/` is the approximate div.full.f32): codes as the torch reference rounds them
@@ -155,10 +159,12 @@ def i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT: tl.constexpr, BK: tl.con
 
 @triton.jit
 def qgemv_i8_kernel(xq, xd, xs, qw, s, q2, d, out, stride_o, N, K: tl.constexpr, FMT: tl.constexpr,
-                    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                    BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+                    SWIGLU: tl.constexpr = False):
     """out[t, n] = W[n] . x[t] for rows x given as quantize_x_kernel's (xq, xd, xs); program (t, row block): a row's
     programs are the same at any T, and the T programs of a row block run side by side (W's rows from L2 after the
-    first). K % BK == 0, BK % 256 == 0 (4-bit) or % 32 (q8_0). PDL: as quantize_x_kernel."""
+    first). K % BK == 0, BK % 256 == 0 (4-bit) or % 32 (q8_0). PDL: as quantize_x_kernel. SWIGLU: as
+    qlinear.qgemv_kernel's (W [2N, K] rows [gate | up])."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -167,9 +173,16 @@ def qgemv_i8_kernel(xq, xd, xs, qw, s, q2, d, out, stride_o, N, K: tl.constexpr,
     o_n = tl.program_id(1) * BN + tl.arange(0, BN)
     rows = tl.minimum(o_n, N - 1).to(tl.int64)
     acc = tl.zeros([BN, BK // 32], tl.float32)
+    acc_u = acc
     for k0 in range(0, K, BK):
         acc += i8_step(qw, s, q2, d, xq, xd, xs, rows, k0, K, FMT, BK, ASM)
-    tl.store(out + t * stride_o + o_n, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=o_n < N)
+        if SWIGLU:
+            acc_u += i8_step(qw, s, q2, d, xq, xd, xs, rows + N, k0, K, FMT, BK, ASM)
+    y = tl.sum(acc, axis=1)
+    if SWIGLU:
+        g_r = y.to(out.dtype.element_ty).to(tl.float32)
+        y = tl.sum(acc_u, axis=1).to(out.dtype.element_ty).to(tl.float32) * g_r * tl.sigmoid(g_r)
+    tl.store(out + t * stride_o + o_n, y.to(out.dtype.element_ty), mask=o_n < N)
 
 
 I8_BN, I8_BK = 4, 2048  # rows per program, columns per step (bench_cuda_quant.py --sweep)
@@ -194,11 +207,11 @@ QX_GROUPS = 16  # groups of 32 values per quantize_x program
 QX_SPAN = 32 * QX_GROUPS  # with a prologue, K and its heads must fit whole programs
 
 
-def quantize_x(x: torch.Tensor, split: bool,
-               pro: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_x(x: torch.Tensor, split: bool, pro: tuple | None = None,
+               total: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [R, K] (K % 32 == 0, unit column stride) -> (xq int32 [R, K/4], xd float32 [R, K/32], xs int32 [R, K/16])
     as the kernels read them; pro: one row through the prologue (PRO, g, stride_gh, nw, eps, HD) of linear.x_block
-    first (qlinear.norm_qlinear)."""
+    first (qlinear.norm_qlinear; PRO 3 stores the residual sum to total: qlinear.swiglu_qgemv)."""
     r, k = x.shape
     xq = torch.empty(r, k // 4, dtype=torch.int32, device=x.device)
     xd = torch.empty(r, k // 32, dtype=torch.float32, device=x.device)
@@ -207,7 +220,7 @@ def quantize_x(x: torch.Tensor, split: bool,
     on = pdl(x)
     quantize_x_kernel[(triton.cdiv(k // 32, QX_GROUPS), r)](x, x.stride(0), xq, xd, xs, k, g, stride_gh, nw, eps,
                                                              BG=QX_GROUPS, SPLIT=split, PRO=kind, HD=hd, PDL=on,
-                                                             num_warps=2, launch_pdl=on)
+                                                             total=total, num_warps=2, launch_pdl=on)
     return xq, xd, xs
 
 
@@ -230,13 +243,13 @@ def takes_i8(x: torch.Tensor, seg: PlanarSegment) -> bool:
 
 
 def qgemv_i8(xq: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seg: PlanarSegment, out: torch.Tensor,
-             bn: int = I8_BN, bk: int = I8_BK, num_warps: int = 4) -> None:
+             bn: int = I8_BN, bk: int = I8_BK, num_warps: int = 4, swiglu: bool = False) -> None:
     """out [T, rows] (rows contiguous, any row stride) = x @ seg^T for rows x quantized by quantize_x (split order for
-    the 4-bit formats)."""
+    the 4-bit formats); swiglu: out [T, rows / 2] = SiLU(gate) * up of seg's rows [gate | up]."""
     t, k = xq[0].shape[0], xq[0].shape[1] * 4
-    n = seg.rows
+    n = seg.rows // 2 if swiglu else seg.rows
     bn, bk = i8_blocks(seg.fmt, k, bn, bk)
     on = pdl(out)
     qgemv_i8_kernel[(t, triton.cdiv(n, bn))](*xq, *planes_i8(seg), out, out.stride(0), n, K=k,
-                                             FMT=FORMATS.index(seg.fmt), BN=bn, BK=bk, ASM=ASM, PDL=on,
+                                             FMT=FORMATS.index(seg.fmt), BN=bn, BK=bk, ASM=ASM, PDL=on, SWIGLU=swiglu,
                                              num_warps=num_warps, launch_pdl=on)

@@ -154,17 +154,23 @@ def swiglu_qgemv(x: torch.Tensor, w: PlanarWeight, y: torch.Tensor | None = None
     """A dense MLP's input half for one row in one launch: (None, SiLU(x Wg^T) * (x Wu^T) [1, I]) for w [2I, K] rows
     [gate | up]; with y (and norm_w, eps) x is first the residual add s = x + y and its RMS norm (linear.
     add_norm_swiglu's prologue): (s, the MLP half of norm(s)). None where it does not apply (several segments,
-    permuted columns, the int8-x route, more than one row)."""
+    permuted columns, more than one row; on int8 x, a prologue not in whole quantize_x programs). On int8 x
+    (I8_GEMV): x's quantization (with the add + norm) and the integer GEMV with the SwiGLU, two launches."""
     seg, k = w.segments[0], x.shape[1]
     if (len(w.segments) != 1 or w.col_perm is not None or seg.fmt == "plain" or x.shape[0] != 1 or seg.rows % 2
-            or not x.is_contiguous() or I8_GEMV and takes_i8(x, seg)
-            or y is not None and (not y.is_contiguous() or y.dtype != x.dtype)):
+            or not x.is_contiguous() or y is not None and (not y.is_contiguous() or y.dtype != x.dtype)):
         return None
     n = seg.rows // 2
-    bn, bk = gemv_blocks(seg.fmt, seg.rows, k)  # the blocks of the product alone: each row's sums in its order
-    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     total = None if y is None else torch.empty_like(x)
+    if I8_GEMV and takes_i8(x, seg):
+        if y is not None and k % QX_SPAN:
+            return None
+        pro = None if y is None else (3, y, 0, norm_w, eps, 1)
+        qgemv_i8(quantize_x(x, seg.fmt != "q8_0", pro, total), seg, out, swiglu=True)
+        return total, out
+    bn, bk = gemv_blocks(seg.fmt, seg.rows, k)  # the blocks of the product alone: each row's sums in its order
+    q, s, q2, d, fmt, gs, rb = kernel_args(seg, bk)
     on = pdl(x)
     qgemv_kernel[(triton.cdiv(n, bn),)](x, q, s, q2, d, out, n, x if y is None else y, 0,
                                         x if norm_w is None else norm_w, eps, K=k, FMT=fmt, BN=bn, BK=bk, GS=gs, RB=rb,

@@ -1,5 +1,5 @@
-"""Runs workloads through an engine: a scripted one (arrivals and aborts at given steps, step until all end), and
-prompts scored for their logits."""
+"""Runs workloads through an engine: a scripted one (arrivals and aborts at given steps, step until all end),
+prompts scored for their logits, and random prompts decoded greedily."""
 
 
 def drive(engine, requests, keep_logits: bool = True) -> dict:
@@ -33,3 +33,18 @@ def prompt_logits(engine, prompts: list[list[int]]) -> list:
     while engine.has_unfinished_requests():
         done.update({o.request_id: o.prompt_logits for o in engine.step() if o.finished})
     return [done[str(i)] for i in range(len(prompts))]
+
+
+def greedy_random(engine, n: int, vocab: int = 256) -> dict[str, list[int]]:
+    """n random prompts (1-39 tokens, seeded by n) submitted at once, 8 greedy tokens each: {request id: tokens}."""
+    import torch
+
+    from deltaserve import SamplingParams
+    g = torch.Generator().manual_seed(n)
+    for i in range(n):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=8, temperature=0))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    return done

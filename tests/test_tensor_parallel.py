@@ -14,7 +14,7 @@ from deltaserve.parallel.shard import ShardError, _kv_heads, shard_config, shard
 from deltaserve.weights.hf_layout import hf_recipes
 from deltaserve.weights.loader import open_checkpoint
 from deltaserve.weights.shard_read import read_shard
-from drive import prompt_logits
+from drive import greedy_random, prompt_logits
 from tiny_models import ARCHS, add_mtp_weights, save_hf_model
 
 KW = dict(dtype="float32", max_model_len=128, max_num_batched_tokens=64)
@@ -71,17 +71,6 @@ def score(engine: LLMEngine) -> list[torch.Tensor]:
     return prompt_logits(engine, PROMPTS)
 
 
-def greedy(engine: LLMEngine, n: int, vocab: int = 256) -> dict[str, list[int]]:
-    g = torch.Generator().manual_seed(n)
-    for i in range(n):
-        prompt = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=8, temperature=0))
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    return done
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tp2_matches_tp1(tiny_dirs, arch):
     one = LLMEngine.from_pretrained(tiny_dirs[arch], max_num_seqs=16, **KW)
@@ -91,7 +80,7 @@ def test_tp2_matches_tp1(tiny_dirs, arch):
     assert two.cache.size.state_bytes * 2 == one.cache.size.state_bytes
     for got, want in zip(score(two), score(one)):
         assert float((got - want).norm() / want.norm()) <= 1e-5
-    assert greedy(two, 16) == greedy(one, 16)
+    assert greedy_random(two, 16) == greedy_random(one, 16)
     assert two.stats.max_batch_seqs >= 8
 
 
@@ -100,7 +89,7 @@ def test_tp2_with_mtp_speculation_matches_tp1(tmp_path):
     path = add_mtp_weights(save_hf_model("qwen3_next", tmp_path / "mtp", seed=5, vocab_size=12))
     one = LLMEngine.from_pretrained(path, max_num_seqs=4, spec_tokens=2, **KW)
     two = LLMEngine.from_pretrained(path, max_num_seqs=4, spec_tokens=2, tensor_parallel_size=2, **KW)
-    assert greedy(two, 4, vocab=12) == greedy(one, 4, vocab=12)
+    assert greedy_random(two, 4, vocab=12) == greedy_random(one, 4, vocab=12)
     # every verify settles the slot on its accepted state (cache.copy_state): a call mirrored to the worker too
     assert two.stats.draft_tokens == one.stats.draft_tokens > 0
     assert two.stats.accepted_tokens == one.stats.accepted_tokens
@@ -129,4 +118,4 @@ def test_a_bad_batch_fails_alone_on_every_rank(tiny_dirs):
     with pytest.raises(BatchError, match="slot 9 has no KV row"):
         two.runner.run([Segment([1, 2], 0, 9)])
     one = LLMEngine.from_pretrained(tiny_dirs["qwen3_5"], max_num_seqs=4, **KW)
-    assert greedy(two, 3) == greedy(one, 3)
+    assert greedy_random(two, 3) == greedy_random(one, 3)

@@ -9,25 +9,14 @@ import torch
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices", allow_module_level=True)
 
-from deltaserve import LLMEngine, SamplingParams  # noqa: E402
+from deltaserve import LLMEngine  # noqa: E402
 from deltaserve.kernels.gpu_quant import PlanarWeight  # noqa: E402
 from deltaserve.weights.fp8 import write_fp8_checkpoint  # noqa: E402
-from drive import prompt_logits  # noqa: E402
+from drive import greedy_random, prompt_logits  # noqa: E402
 from tiny_models import ARCHS  # noqa: E402
 
 KW = dict(device="cuda", dtype="float32", max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16)
 PROMPTS = [list(range(3, 43)), [7, 9, 11], list(range(100, 160, 3))]
-
-
-def greedy(engine: LLMEngine, n: int) -> dict[str, list[int]]:
-    g = torch.Generator().manual_seed(n)
-    for i in range(n):
-        prompt = torch.randint(0, 256, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=8, temperature=0))
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    return done
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -36,7 +25,7 @@ def test_tp2_matches_tp1_on_two_gpus(tiny_dirs, arch, check):
     two = LLMEngine.from_pretrained(tiny_dirs[arch], tensor_parallel_size=2, **KW)
     for i, (got, want) in enumerate(zip(prompt_logits(two, PROMPTS), prompt_logits(one, PROMPTS))):
         check(f"tp2 {arch} prompt {i}", got, want, 1e-5)
-    assert greedy(two, 16) == greedy(one, 16)
+    assert greedy_random(two, 16) == greedy_random(one, 16)
     assert two.stats.max_batch_seqs >= 8
 
 

@@ -232,7 +232,9 @@ def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm, gate_up) -> tuple[to
     if not x.is_cuda or torch.is_grad_enabled():
         return None
     from .triton import linear as cuda_linear
-    if isinstance(gate_up, PlanarWeight) and cuda_linear.ADD_NORM_PROLOGUE:
+    if not cuda_linear.ADD_NORM_PROLOGUE:
+        return None
+    if isinstance(gate_up, PlanarWeight):
         from .triton.qlinear import swiglu_qgemv
         return swiglu_qgemv(x, gate_up, y, norm.weight, norm.eps)
     if not isinstance(gate_up, torch.Tensor):

@@ -172,7 +172,9 @@ def swiglu_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return gemv(x, w, bn=max(1, bn // 2), bk=bk, swiglu=True) if _takes_gemv(x, w, bk) else None
 
 
-ADD_NORM_PROLOGUE = True  # add_norm_swiglu (H100, 0.8B-class: decode np=1 1.94x its roofline, benchmarks/RESULTS.md)
+# the add + norm in the SwiGLU GEMV's prologue, float and quantized weights alike (kernels.add_norm_swiglu reads it;
+# H100, 0.8B-class: decode np=1 1.94x its roofline, benchmarks/RESULTS.md)
+ADD_NORM_PROLOGUE = True
 
 
 def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor, eps: float,
@@ -181,8 +183,6 @@ def add_norm_swiglu(x: torch.Tensor, y: torch.Tensor, norm_w: torch.Tensor, eps:
     (the add + norm kernel's work in the SwiGLU GEMV's prologue: a launch less per dense layer). x, y [1, D]
     contiguous; w [2I, D] rows [gate | up]. s and h rounded to x's dtype as the separate kernel stores them. None
     where the GEMV does not apply."""
-    if not ADD_NORM_PROLOGUE:
-        return None
     bn, bk = _blocks(*w.shape)
     if not _takes_gemv(x, w, bk) or not y.is_contiguous() or y.dtype != x.dtype:
         return None

@@ -2,7 +2,7 @@
 activation rows, weights cold (cycled through more than the L3 cache holds).
 
 A 4096 x 1024 weight per format: F32 and BF16 tensors, and GGUF blocks of every kept type (random bits, finite
-scales). Run: python benchmarks/bench_cpu_kernels.py [--threads 1,2]
+scales). Run: python benchmarks/bench_cpu_kernels.py [--threads 1,2] [--formats Q2_K,Q4_K]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 
 N, K = 4096, 1024
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16}
-SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
 
 
 def weight(fmt: str, seed: int):
@@ -40,13 +40,14 @@ def weight(fmt: str, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K")
     args = ap.parse_args()
     print(f"# {machine().split(',')[0]}, torch {torch.__version__}, kernels built for {cpu_native.ops().isa()} | commit "
           f"{commit()} | {datetime.date.today()} | W {N} x {K}, cold; GB/s of weights / GFLOP/s")
     rows = (1, 2, 8, 64)
     print("\n| format | bytes | threads | " + " | ".join(f"{r} row{'s' if r > 1 else ''}" for r in rows) + " |")
     print("|---|---|---|" + "---|" * len(rows))
-    for fmt in ("F32", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"):
+    for fmt in args.formats.split(","):
         first = cpu_native.pack(weight(fmt, 0))
         copies = [first] + [cpu_native.pack(weight(fmt, s)) for s in range(1, max(2, (128 << 20) // first.nbytes))]
         for threads in (int(t) for t in args.threads.split(",")):

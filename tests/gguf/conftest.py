@@ -65,10 +65,11 @@ MIX = {"attn_qkv": Q.Q6_K, "attn_gate": Q.Q4_K, "ssm_alpha": Q.Q8_0, "ssm_beta":
 
 def stored(name: str, data: np.ndarray) -> tuple[np.ndarray, Q]:
     """A float tensor of the export in the mix's format: quantizers where one exists, else random blocks (the
-    file's values are then whatever those blocks hold); blk.1's routed down-projection as Q3_K, a type loaded
-    dequantized."""
+    file's values are then whatever those blocks hold); the routed down-projections of blk.1 / 2 / 3 as Q3_K and
+    Q2_K (kept on the CPU, dequantized on CUDA) and Q5_1 (a type loaded dequantized everywhere)."""
     key = name.split(".")[-2]
-    qtype = Q.Q3_K if name == "blk.1.ffn_down_exps.weight" else MIX[key]
+    qtype = {"blk.1.ffn_down_exps.weight": Q.Q3_K, "blk.2.ffn_down_exps.weight": Q.Q2_K,
+             "blk.3.ffn_down_exps.weight": Q.Q5_1}.get(name, MIX[key])
     if qtype in (Q.Q8_0, Q.Q4_0):
         return quantize(data, qtype), qtype
     if qtype in (Q.Q4_K, Q.Q6_K):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -25,13 +26,14 @@ from deltaserve.layers.feed_forward import SparseMoE
 from deltaserve.layers.linear import set_weight
 from deltaserve.weights.gguf_file import GGUFFile
 from deltaserve.weights.loader import load_model, matrix_params
+from deltaserve.weights.safetensors_dir import CheckpointError
 from drive import prompt_logits
-from gguf_edit import random_blocks
+from gguf_edit import SCALE_AT, random_blocks, rewrite_gguf
 from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
 
-FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 def weight(qtype, shape, seed=0) -> QuantizedWeight:
     return QuantizedWeight(shape, [QuantSegment(qtype, torch.from_numpy(random_blocks(qtype, shape, seed)))])
 
@@ -57,7 +59,8 @@ def test_packed_blocks_hold_the_files_values(qtype, shape):
     packed = cpu_native.pack(w)
     ref = dequantize(w.segments[0].data.numpy(), qtype)  # gguf-py's dequantizer: the oracle
     assert torch.equal(packed.rows(0, torch.arange(shape[0])), torch.from_numpy(ref))
-    assert packed.nbytes <= 1.03 * -(-shape[0] // 16) * 16 * w.nbytes / shape[0]  # the file's size, rows padded to 16
+    growth = 1.04 if qtype == Q.Q3_K else 1.03  # 6-bit scales a byte each
+    assert packed.nbytes <= growth * -(-shape[0] // 16) * 16 * w.nbytes / shape[0]  # the file's size, rows padded to 16
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
@@ -144,14 +147,26 @@ def test_isa_paths_give_the_same_bits():
 def test_mix_loads_as_stored(mix_gguf, caplog):
     with caplog.at_level(logging.WARNING):
         model, _ = load_model(mix_gguf)
-    assert "Q3_K tensors are dequantized to float32 at load" in caplog.text
+    assert "Q5_1 tensors are dequantized to float32 at load" in caplog.text
     gdn = model.layers[0].mixer
     assert gdn.in_proj.weight.qtypes == ["Q6_K", "Q4_K", "Q8_0"]  # [q k v | z | b a] rows as stored
     assert gdn.out_proj.weight.col_perm is not None  # qwen35: V heads tiled in the file
     assert model.layers[3].mixer.qkv_proj.weight.qtypes == ["Q4_K", "Q4_0", "Q6_K"]
-    assert isinstance(model.layers[1].ffn.experts_down, torch.Tensor)  # Q3_K: dequantized
+    assert [model.layers[i].ffn.experts_down.qtypes for i in (1, 2)] == [["Q3_K"], ["Q2_K"]]
+    assert isinstance(model.layers[3].ffn.experts_down, torch.Tensor)  # Q5_1: dequantized
     file_bytes = sum(GGUFFile(mix_gguf).data_bytes(n) for n in GGUFFile(mix_gguf).tensors)
-    assert model.weight_bytes() <= 1.1 * file_bytes + model.layers[1].ffn.experts_down.numel() * 4
+    assert model.weight_bytes() <= 1.1 * file_bytes + model.layers[3].ffn.experts_down.numel() * 4
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
+def test_infinite_block_scale_names_the_tensor(mix_gguf, tmp_path, qtype):
+    """A tensor kept in its blocks is checked as a dequantized one is: an Inf block scale fails the load, naming it."""
+    blocks = random_blocks(qtype, (4, 256, 256))  # blk.1's routed down-projections [E, N, K]
+    at = SCALE_AT[qtype][-1]
+    blocks[1, 3, at:at + 2] = np.array([np.inf], np.float16).view(np.uint8)
+    bad = rewrite_gguf(mix_gguf, tmp_path / "bad.gguf", retype={"blk.1.ffn_down_exps.weight": (blocks, qtype)})
+    with pytest.raises(CheckpointError, match=rf"'blk.1.ffn_down_exps.weight' \({qtype.name}\) holds NaN or Inf"):
+        load_model(bad)
 
 
 def mix_llm(path, max_num_seqs=8):

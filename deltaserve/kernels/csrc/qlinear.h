@@ -30,7 +30,7 @@ static inline i32x16 round_to_int(f32x16 v) {  // nearest, ties to even (the def
 }
 
 // x [K] (K a multiple of 32) -> q, d, s as described above
-static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s) {
+static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s, float* sd) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const f32x16 lo = loadv<f32x16>(x + 32 * b), hi = loadv<f32x16>(x + 32 * b + 16);
     float amax = 0.f;
@@ -40,7 +40,7 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t
     const i32x16 a = round_to_int(lo * inv), c = round_to_int(hi * inv);
     int32_t sa = 0, sc = 0;
     for (int l = 0; l < 16; ++l) q[32 * b + l] = (int8_t)a[l], q[32 * b + 16 + l] = (int8_t)c[l], sa += a[l], sc += c[l];
-    s[2 * b] = sa, s[2 * b + 1] = sc;
+    s[2 * b] = sa, s[2 * b + 1] = sc, sd[2 * b] = d[b] * (float)sa, sd[2 * b + 1] = d[b] * (float)sc;
   }
 }
 
@@ -51,12 +51,13 @@ struct Acts {
   std::vector<int8_t> q;
   std::vector<float> d;
   std::vector<int32_t> s;
+  std::vector<float> sd;
 
   Acts(const float* const* xs, int64_t T, int64_t K, const PackedWeight& w) : rows(T) {
     const bool perm = w.col_perm.has_value(), integer = w.needs(true);
     TORCH_CHECK(!integer || K % 32 == 0, "integer weight formats need K % 32 == 0");
     if (perm) xf.resize(T * K);
-    if (integer) q.resize(T * K), d.resize(T * K / 32), s.resize(T * K / 16);
+    if (integer) q.resize(T * K), d.resize(T * K / 32), s.resize(T * K / 16), sd.resize(T * K / 16);
     const int64_t* pp = perm ? w.col_perm->data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -65,10 +66,10 @@ struct Acts {
           for (int64_t j = 0; j < K; ++j) xf[t * K + pp[j]] = x[j];  // stored column pp[j] meets model column j
           x = &xf[t * K];
         }
-        rows[t] = {x, nullptr, nullptr, nullptr};
+        rows[t] = {x, nullptr, nullptr, nullptr, nullptr};
         if (integer) {
-          quantize_row(x, K, &q[t * K], &d[t * K / 32], &s[t * K / 16]);
-          rows[t] = {x, &q[t * K], &d[t * K / 32], &s[t * K / 16]};
+          quantize_row(x, K, &q[t * K], &d[t * K / 32], &s[t * K / 16], &sd[t * K / 16]);
+          rows[t] = {x, &q[t * K], &d[t * K / 32], &s[t * K / 16], &sd[t * K / 16]};
         }
       }
     });

@@ -124,40 +124,43 @@ static inline f32x16 load_bf16(const uint16_t* p) {
   return (f32x16)(__builtin_convertvector(loadv<u16x16>(p), u32x16) << 16);
 }
 
-// 16 bytes -> 16 floats (unsigned / signed bytes)
-static inline f32x16 load_u8_as_float(const uint8_t* p) {
-#if defined(__AVX512F__)
-  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-  f32x8 r[2] = {(f32x8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p))),
-                (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
-  return loadv<f32x16>(r);
-#else
-  return __builtin_convertvector(__builtin_convertvector(loadv<u8x16>(p), i32x16), f32x16);
-#endif
-}
-static inline f32x16 load_i8_as_float(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (f32x16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-#elif defined(__AVX2__)
-  f32x8 r[2] = {(f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))),
-                (f32x8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))))};
-  return loadv<f32x16>(r);
-#else
-  return __builtin_convertvector(__builtin_convertvector(loadv<i8x16>(p), i32x16), f32x16);
-#endif
-}
-
-// byte i of the result = 16 if bit i of mask is set, else 0 (the fifth bit of a Q5_K quant)
-static inline u8x64 bits_to_16(uint64_t mask) {
+// byte i of the result = V if bit i of mask is set, else 0 (the top bit of a Q3_K or Q5_K quant)
+template <uint8_t V>
+static inline u8x64 bits_to(uint64_t mask) {
 #if defined(__AVX512BW__)
-  return (u8x64)_mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(16));
+  return (u8x64)_mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(V));
 #else
   u8x64 r;
-  for (int i = 0; i < 64; ++i) r[i] = (uint8_t)(((mask >> i) & 1) << 4);
+  for (int i = 0; i < 64; ++i) r[i] = ((mask >> i) & 1) ? V : 0;
   return r;
 #endif
 }
+
+// 16 bytes -> 16 int32 (unsigned / signed bytes; GCC scalarises __builtin_convertvector of bytes, hence intrinsics)
+static inline i32x16 load_u8_as_i32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+  __m256i r[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)),
+                  _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  return loadv<i32x16>(r);
+#else
+  return __builtin_convertvector(loadv<u8x16>(p), i32x16);
+#endif
+}
+static inline i32x16 load_i8_as_i32(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__AVX2__)
+  __m256i r[2] = {_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)),
+                  _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  return loadv<i32x16>(r);
+#else
+  return __builtin_convertvector(loadv<i8x16>(p), i32x16);
+#endif
+}
+static inline f32x16 load_u8_as_float(const uint8_t* p) { return to_float(load_u8_as_i32(p)); }
+static inline f32x16 load_i8_as_float(const int8_t* p) { return to_float(load_i8_as_i32(p)); }
 
 // a . b over n floats: 4 vector accumulators, summed in a fixed order (reproducible)
 static inline float dot_f32(const float* a, const float* b, int64_t n) {

@@ -5,7 +5,8 @@
 #include <cstring>
 #include "simd.h"
 
-enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };  // GGML ids
+enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+                    BF16 = 30 };  // GGML ids
 constexpr int64_t GROUP = 16;
 
 // Offsets inside a group's block of the K-quant layouts (packed.h)
@@ -13,12 +14,15 @@ constexpr int64_t q45_quants(int64_t fmt, int c) { return 320 + c * (fmt == Q5_K
 constexpr int64_t q5_bits(int j) { return 320 + (j / 2) * 640 + 512 + (j % 2) * 64; }  // sub-block j's [8 v] u64
 constexpr int64_t q6_low(int p) { return 288 + 384 * p; }                             // pair p's [4 v] vectors
 constexpr int64_t q6_high(int s) { return 288 + 384 * (s / 2) + 256 + 64 * (s % 2); }  // sub-block s's high bits
+constexpr int64_t q23_low(int64_t fmt, int s) { return fmt == Q2_K ? 320 + 64 * s : 288 + 96 * s; }  // low 2 bits
+constexpr int64_t q3_bits(int s) { return 288 + 96 * s + 64; }                                        // third bits
 
 struct ActRow {       // one activation row as the kernels read it
   const float* x;     // [K] floats (float formats), in the weight's column order
   const int8_t* q;    // [K] int8 (integer formats)
   const float* d;     // [K / 32] block scales
   const int32_t* s;   // [K / 16] sums of q over 16
+  const float* sd;    // [K / 16] those sums times their block's scale: the sums as values (the Q2_K mins' term)
 };
 
 static inline int32_t bytes4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
@@ -110,7 +114,7 @@ static void tile_q45_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out
         u8x64 w[8];
         for (int v = 0; v < 8; ++v) {
           w[v] = (u8x64)((h ? raw[v] >> 4 : raw[v]) & 0x0F0F0F0Fu);
-          if (FIVE) w[v] |= bits_to_16(loadv<uint64_t>(g + q5_bits(j) + 8 * v));
+          if (FIVE) w[v] |= bits_to<16>(loadv<uint64_t>(g + q5_bits(j) + 8 * v));
         }
         const int64_t blk = 8 * sb + j;
         for (int t = 0; t < RT; ++t) {
@@ -155,6 +159,48 @@ static void tile_q6_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out)
   for (int t = 0; t < RT; ++t) out[t] = acc[t];
 }
 
+// Q2_K and Q3_K: sub-blocks of 16 with an integer scale each, so the two sub-blocks of one activation block combine
+// in int32 before one float step: sum_s scale_s (q_s . x); Q2_K's mins come off as dmin min_s (the sum of x over s).
+template <int RT, bool THREE>  // Q2_K, or Q3_K with THREE
+static void tile_q23_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  constexpr int64_t FMT = THREE ? Q3_K : Q2_K, BYTES = THREE ? 1824 : 1344;
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += BYTES) {
+    const f32x16 d = load_halves((const uint16_t*)g), dmin = THREE ? f32x16{} : load_halves((const uint16_t*)(g + 32));
+    for (int p = 0; p < 8; ++p) {  // sub-blocks 2p, 2p + 1 = activation block 8 sb + p
+      u8x64 w[2][4];
+      i32x16 sc[2];
+      f32x16 mn[2];  // Q2_K: dmin * min of each row
+      for (int h = 0; h < 2; ++h) {
+        const int s = 2 * p + h;
+        const u32x16 lo = loadv<u32x16>(g + q23_low(FMT, s));
+        for (int v = 0; v < 4; ++v) {
+          w[h][v] = (u8x64)((lo >> (2 * v)) & 0x03030303u);
+          if (THREE) w[h][v] |= bits_to<4>(loadv<uint64_t>(g + q3_bits(s) + 8 * v));
+        }
+        if (THREE) {
+          sc[h] = load_i8_as_i32((const int8_t*)(g + 32 + 16 * s));
+        } else {
+          const i32x16 sm = load_u8_as_i32(g + 64 + 16 * s);
+          sc[h] = sm & 15, mn[h] = dmin * to_float(sm >> 4);
+        }
+      }
+      const int64_t blk = 8 * sb + p;
+      for (int t = 0; t < RT; ++t) {
+        i32x16 dot = {};
+        for (int h = 0; h < 2; ++h) {
+          i32x16 q = splat_i(THREE ? -4 * a[t].s[2 * blk + h] : 0);  // Q3_K's quants are stored + 4
+          for (int v = 0; v < 4; ++v) q = dot4(q, w[h][v], bytes4(a[t].q + 32 * blk + 16 * h + 4 * v));
+          dot += sc[h] * q;
+          if (!THREE) acc[t] = fma16(mn[h], splat(-a[t].sd[2 * blk + h]), acc[t]);
+        }
+        acc[t] = fma16(to_float(dot), d * a[t].d[blk], acc[t]);
+      }
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
 template <int RT>
 static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x16* acc) {
   switch (fmt) {
@@ -164,5 +210,7 @@ static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x
     case Q4_K: return tile_q45_k<RT, false>(g, K, a, acc);
     case Q5_K: return tile_q45_k<RT, true>(g, K, a, acc);
     case Q6_K: return tile_q6_k<RT>(g, K, a, acc);
+    case Q2_K: return tile_q23_k<RT, false>(g, K, a, acc);
+    case Q3_K: return tile_q23_k<RT, true>(g, K, a, acc);
   }
 }

@@ -1,4 +1,5 @@
-"""A Qwen3.5-35B-A3B-sized MoE on the CPU from a quantized file: resident memory and decode against llama.cpp (issue 15).
+"""A Qwen3.5-35B-A3B-sized MoE on the CPU from quantized files: resident memory and decode against llama.cpp
+(issue 15).
 
 Qwen3.5-35B-A3B's real layer dimensions (hidden 2048, 256 experts of width 512, top-8 plus a shared expert, GDN
 16 QK / 32 V heads of 128, attention 16 Q / 2 KV heads of 256, vocabulary 248320) with 8 of its 40 layers,
@@ -6,7 +7,8 @@ random bf16 weights written shard by shard (never a whole model in memory), conv
 and quantized by its llama-quantize (Q4_K_M, or --type). Then: the bytes deltaserve keeps resident against the file's
 tensor bytes, and decode of one sequence (128-token prompt, 32 tokens) against llama-batched-bench, alternated.
 
-Run: python benchmarks/bench_cpu_big_moe.py [--layers 8] [--type Q4_K_M] [--rounds 3] [--threads 2] [--llama-cpp DIR]
+Run: python benchmarks/bench_cpu_big_moe.py [--layers 8] [--type Q4_K_M,Q2_K] [--rounds 3] [--threads 2]
+[--llama-cpp DIR]
 (~25 GB of disk for the bf16 files on the way, ~5 GB kept; about 30 min the first time, on 2 cores.)
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -67,17 +70,20 @@ def write_checkpoint(path: Path, layers: int) -> None:
         shutil.copy(REPO / "deltaserve/models/default" / name, path / name)
 
 
-def quantized_file(llama: Path, tools: Path, layers: int, ftype: str) -> Path:
-    out = ROOT / f"qwen35moe-35b-dims-{layers}l-{ftype.lower()}.gguf"
-    if out.is_file():
+def quantized_files(llama: Path, tools: Path, layers: int, ftypes: list[str]) -> dict[str, Path]:
+    """{ftype: the model quantized by llama-quantize to it}, all from one bf16 conversion (made once, then deleted)."""
+    out = {t: ROOT / f"qwen35moe-35b-dims-{layers}l-{t.lower()}.gguf" for t in ftypes}
+    missing = [t for t, path in out.items() if not path.is_file()]
+    if not missing:
         return out
     ckpt, bf16 = ROOT / f"qwen35moe-35b-dims-{layers}l", ROOT / f"qwen35moe-35b-dims-{layers}l-bf16.gguf"
     if not (ckpt / "model.safetensors.index.json").is_file():
         write_checkpoint(ckpt, layers)
     subprocess.run([sys.executable, str(tools / "convert-to-gguf.py"), str(llama), str(ckpt), "--outtype", "bf16",
                     "--outfile", str(bf16), "--no-mtp"], check=True, capture_output=True)
-    subprocess.run([str(llama / "build/bin/llama-quantize"), str(bf16), str(out), ftype], check=True,
-                   capture_output=True)
+    for t in missing:
+        subprocess.run([str(llama / "build/bin/llama-quantize"), str(bf16), str(out[t]), t], check=True,
+                       capture_output=True)
     bf16.unlink()
     shutil.rmtree(ckpt)
     return out
@@ -102,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--type", default="Q4_K_M", help="llama-quantize's file type (Q4_K_M, Q2_K, ...)")
+    ap.add_argument("--type", default="Q4_K_M", help="llama-quantize's file types, comma-separated (Q4_K_M,Q2_K)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-cpp", type=Path, default=Path.home() / ".cache/deltaserve-peer/llama.cpp")
     ap.add_argument("--tools", type=Path, default=REPO.parent / "shared/tools")
@@ -112,25 +118,30 @@ def main() -> None:
     if args.child:
         print(json.dumps(ours(Path(args.child))))
         return
-    path = quantized_file(args.llama_cpp, args.tools, args.layers, args.type)
-    cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(args.threads)]
-    env_py = {"PYTHONPATH": str(REPO)}
-    runs, peer = [], []
-    for _ in range(args.rounds):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**__import__("os").environ, **env_py})
-        runs.append(json.loads(out.stdout.splitlines()[-1]))
-        rows = batched_bench(args.llama_cpp, path, args.threads, npl="1")
-        peer.append(float(rows[0][7]))
-    ours_rss = peak_rss([*cmd])
-    ds, lc = statistics.median(r["tg1"] for r in runs), statistics.median(peer)
-    r = runs[0]
+    types = args.type.split(",")
+    files = quantized_files(args.llama_cpp, args.tools, args.layers, types)
     print(f"# {machine().split(',')[0]}, {args.threads} threads, torch {torch.__version__} | commit {commit()} | "
-          f"Qwen3.5-35B-A3B dims, {args.layers} layers, random weights, {args.type} by llama-quantize | median of "
+          f"Qwen3.5-35B-A3B dims, {args.layers} layers, random weights, files by llama-quantize | median of "
           f"{args.rounds} alternated rounds")
-    print(f"\nfile tensor bytes {r['file'] / 2**30:.2f} GiB; deltaserve resident weights {r['resident'] / 2**30:.2f} GiB "
-          f"= {r['resident'] / r['file']:.3f}x the file; peak RSS of the measuring process {ours_rss:.2f} GB")
-    print(f"\n| decode np=1, t/s | deltaserve | llama.cpp | ratio |\n|---|---|---|---|\n| {args.type} | {ds:.2f} | {lc:.2f} | "
-          f"**{ds / lc:.2f}x** |")
+    rows = []
+    for t, path in files.items():
+        cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(args.threads)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        runs, peer = [], []
+        for i in range(args.rounds):
+            for who in (("ds", "llama") if i % 2 == 0 else ("llama", "ds")):
+                if who == "ds":
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                    runs.append(json.loads(out.stdout.splitlines()[-1]))
+                else:
+                    peer.append(float(batched_bench(args.llama_cpp, path, args.threads, npl="1")[0][7]))
+        ds, lc, r = statistics.median(x["tg1"] for x in runs), statistics.median(peer), runs[0]
+        held = f"{r['resident'] / 2**30:.2f} GiB = {r['resident'] / r['file']:.3f}x"
+        rows.append(f"| {t} | {r['file'] / 2**30:.2f} GiB | {held} | {peak_rss(cmd):.2f} GB | {ds:.2f} | {lc:.2f} | "
+                    f"**{ds / lc:.2f}x** |")
+    print("\n| file | tensor bytes | deltaserve resident weights | peak RSS (measuring process) | decode np=1 t/s "
+          "deltaserve | llama.cpp | ratio |\n|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

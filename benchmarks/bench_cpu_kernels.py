@@ -22,7 +22,8 @@ from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 
 N, K = 4096, 1024
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16}
-SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
+            Q.Q6_K: [208]}
 
 
 def weight(fmt: str, seed: int):

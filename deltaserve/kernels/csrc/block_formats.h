@@ -105,8 +105,10 @@ static void decode_raw(int64_t fmt, const uint8_t* b, RawBlock& o) {
     case Q3_K: {  // hmask [32], qs [64], scales [12] (16 x 6 bits), d; k's third bit is bit k / 32 of hmask[k % 32]
       o.d = u16_at(b + 108);
       const uint8_t *hm = b, *qs = b + 32, *sc = b + 96;
-      for (int j = 0; j < 16; ++j)
-        o.scale[j] = (int)(((j < 8 ? sc[j] : sc[j - 8] >> 4) & 15) | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+      for (int j = 0; j < 16; ++j) {  // low 4 bits: byte j % 8, nibble j / 8; high 2: byte 8 + j % 4, bits 2 (j / 4)
+        const int lo = (sc[j % 8] >> (4 * (j / 8))) & 15, hi = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        o.scale[j] = (lo | (hi << 4)) - 32;
+      }
       for (int k = 0; k < 256; ++k)
         o.q[k] = ((qs[32 * (k / 128) + k % 32] >> (2 * (k % 128 / 32))) & 3) | (((hm[k % 32] >> (k / 32)) & 1) << 2);
       return;
@@ -153,10 +155,11 @@ static void encode_lane(int64_t fmt, const RawBlock& o, int r, uint8_t* g) {
       put16(0, o.d);
       if (!three) put16(32, o.dmin);
       for (int s = 0; s < 16; ++s)
-        g[(three ? 32 : 64) + 16 * s + r] = three ? (uint8_t)(int8_t)o.scale[s] : (uint8_t)(o.scale[s] | (o.min[s] << 4));
+        g[(three ? 32 : 64) + 16 * s + r] = (uint8_t)(three ? o.scale[s] : o.scale[s] | (o.min[s] << 4));
       for (int k = 0; k < 256; ++k) {  // sub-block s = k / 16, vector v = k % 16 / 4, byte 4r + k % 4
         g[q23_low(fmt, k / 16) + 4 * r + k % 4] |= (uint8_t)((o.q[k] & 3) << (2 * (k % 16 / 4)));
-        if (three && (o.q[k] & 4)) g[q3_bits(k / 16) + (k % 16 / 4) * 8 + (4 * r + k % 4) / 8] |= (uint8_t)(1 << ((4 * r + k % 4) % 8));
+        const int bit = 4 * r + k % 4;  // of vector k % 16 / 4's 64
+        if (three && (o.q[k] & 4)) g[q3_bits(k / 16) + (k % 16 / 4) * 8 + bit / 8] |= (uint8_t)(1 << (bit % 8));
       }
       return;
     }

@@ -23,7 +23,7 @@ from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 N, K = 4096, 1024
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16}
 SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
-            Q.Q6_K: [208]}
+            Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
 
 
 def weight(fmt: str, seed: int):
@@ -41,7 +41,7 @@ def weight(fmt: str, seed: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS")
     args = ap.parse_args()
     print(f"# {machine().split(',')[0]}, torch {torch.__version__}, kernels built for {cpu_native.ops().isa()} | commit "
           f"{commit()} | {datetime.date.today()} | W {N} x {K}, cold; GB/s of weights / GFLOP/s")

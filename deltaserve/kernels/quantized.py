@@ -19,7 +19,7 @@ from gguf.quants import dequantize
 
 Q = GGMLQuantizationType
 # Formats the CPU kernels compute on as stored; the loader dequantizes any other type (with a warning)
-KEPT = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+KEPT = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
 FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
 ACT_BLOCK = 32
@@ -93,7 +93,9 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """float32 [T, K] (K % 32 == 0) -> the dequantized int8 activations q * d the kernels multiply, [T, K]."""
     blocks = x.float().reshape(x.shape[0], -1, ACT_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)  # [T, K/32, 1]
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # 127 / amax as one IEEE division, as the kernels compute it: torch's scalar / tensor multiplies by a reciprocal,
+    # an ulp off for a quarter of the values, enough to round x * inv = 63.5 - ulp the other way
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inv)  # half to even, as the kernels' conversion
     return (q * (amax / 127.0)).reshape(x.shape)
 

@@ -36,7 +36,7 @@ LOADABLE = frozenset({
 _MISSING = object()
 # each block's fp16 scales: bytes that must hold finite numbers
 SCALE_BYTES = {Q.Q8_0: [0, 1], Q.Q4_0: [0, 1], Q.Q2_K: [80, 81, 82, 83], Q.Q3_K: [108, 109],
-               Q.Q4_K: [0, 1, 2, 3], Q.Q5_K: [0, 1, 2, 3], Q.Q6_K: [208, 209]}
+               Q.Q4_K: [0, 1, 2, 3], Q.Q5_K: [0, 1, 2, 3], Q.Q6_K: [208, 209], Q.IQ4_NL: [0, 1], Q.IQ4_XS: [0, 1]}
 
 
 class GGUFFile:

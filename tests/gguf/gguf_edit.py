@@ -44,7 +44,7 @@ def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys
 
 
 SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q3_K: [108],
-            Q.Q2_K: [80, 82], Q.Q5_1: [0, 2]}
+            Q.Q2_K: [80, 82], Q.Q5_1: [0, 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
 
 
 def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:

@@ -33,7 +33,7 @@ from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
 
-FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
 def weight(qtype, shape, seed=0) -> QuantizedWeight:
     return QuantizedWeight(shape, [QuantSegment(qtype, torch.from_numpy(random_blocks(qtype, shape, seed)))])
 
@@ -74,6 +74,20 @@ def test_linear_is_the_exact_product_with_quantized_activations(qtype, rows, thr
     deq, xq = w.dequantize().double(), quantize_activations(x).double()
     # the bound of the activation quantization, against the product with float activations
     assert ((out.double() - x.double() @ deq.T).abs() <= (x.double() - xq).abs() @ deq.abs().T * (1 + 1e-4) + 1e-6).all()
+
+
+def test_kernels_quantize_activations_as_the_reference():
+    """Through a Q8_0 identity matrix (d = 1, one code 1 per row) the kernel returns x as it quantized it: equal to
+    quantize_activations value for value, including x / d = 63.5 - 1 ulp, where a reciprocal-multiply 127 / max
+    (torch's scalar / tensor) rounds the other way than the kernels' division."""
+    k = 512
+    raw = np.zeros((k, k // 32, 34), np.uint8)
+    raw[:, :, 0:2] = np.array([1.0], np.float16).view(np.uint8)
+    raw[np.arange(k), np.arange(k) // 32, 2 + np.arange(k) % 32] = 1
+    eye = cpu_native.pack(QuantizedWeight((k, k), [QuantSegment(Q.Q8_0, torch.from_numpy(raw.reshape(k, -1)))]))
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)[:, None]
+    x[0, :2] = torch.tensor([8.225171089172363, -4.112585544586182])  # -4.1125855 * 127 / 8.225171 = -63.5 - 1 ulp
+    assert torch.equal(cpu_native.linear(x, eye), quantize_activations(x))
 
 
 def test_activation_quantization_error_is_half_a_step():

@@ -9,6 +9,7 @@
 //   F32 [K][16] f32, F16 / BF16 [K][16] u16                                            same as raw
 //   Q8_0 (32): d[16] f16 | q+128 [8 v][16 r][4] u8                                     544 = raw
 //   Q4_0 (32): d[16] f16 | [4 v][16 r][4] u8, low nibble k = 4v+j, high k = 16+4v+j    288 = raw
+//   IQ4_NL (32): Q4_0's; a nibble is the index of a level (IQ4_LEVELS), not q + 8       288 = raw
 //   Q4_K (256): d[16], dmin[16] f16 | scale[8][16], min[8][16] u8 | [4 c][8 v][16 r][4] u8 with low nibble
 //               k = 64c+4v+j (sub-block 2c), high k = 64c+32+4v+j (2c+1)                2368 = raw + 2.8%
 //   Q5_K (256): Q4_K's, but after each c's quants [8 v][16 r][4] come the fifth bits of its two sub-blocks
@@ -20,6 +21,7 @@
 //               [16 r][4] u8, bits 2v of k = 16s+4v+j                                   1344 = raw
 //   Q3_K (256): d[16] f16 | scale - 32 [16 s][16 r] i8 | per sub-block s: low 2 bits [16 r][4] u8, bits 2v of
 //               k = 16s+4v+j, then third bits [4 v] u64 (bit 4r+j)                      1824 = raw + 3.6%
+//   IQ4_XS (256): d[16] f16 | scale - 32 [8 j][16 r] i8 | per sub-block j (32 each): IQ4_NL's quants   2208 = raw + 1.5%
 // Each block is read front to back in one pass (two interleaved streams halve what the prefetchers deliver).
 // Q3_K/Q4_K/Q5_K store their 6-bit scales (and mins) one per byte (the file packs them into 12 bytes), hence the
 // 2-4%.
@@ -39,7 +41,8 @@ static FmtInfo fmt_info(int64_t fmt) {
     case F32: return {1, 4, 64, false};
     case F16: case BF16: return {1, 2, 32, false};
     case Q8_0: return {32, 34, 544, true};
-    case Q4_0: return {32, 18, 288, true};
+    case Q4_0: case IQ4_NL: return {32, 18, 288, true};
+    case IQ4_XS: return {256, 136, 2208, true};
     case Q4_K: return {256, 144, 2368, true};
     case Q5_K: return {256, 176, 2880, true};
     case Q6_K: return {256, 210, 3360, true};
@@ -63,10 +66,17 @@ static void decode_raw(int64_t fmt, const uint8_t* b, RawBlock& o) {
       o.d = u16_at(b);
       for (int k = 0; k < 32; ++k) o.q[k] = (int8_t)b[2 + k] + 128;
       return;
-    case Q4_0:
+    case Q4_0: case IQ4_NL:
       o.d = u16_at(b);
       for (int k = 0; k < 16; ++k) o.q[k] = b[2 + k] & 15, o.q[k + 16] = b[2 + k] >> 4;
       return;
+    case IQ4_XS: {  // d, scales_h (u16: high 2 bits of 8 scales), scales_l [4] (low 4 bits), qs [128] as IQ4_NL's
+      o.d = u16_at(b);
+      const int high = u16_at(b + 2);
+      for (int j = 0; j < 8; ++j) o.scale[j] = (((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (((high >> (2 * j)) & 3) << 4)) - 32;
+      for (int k = 0; k < 256; ++k) o.q[k] = (b[8 + 16 * (k / 32) + k % 16] >> (4 * (k % 32 / 16))) & 15;
+      return;
+    }
     case Q4_K: case Q5_K: {
       o.d = u16_at(b), o.dmin = u16_at(b + 2);
       const uint8_t* s = b + 4;  // 8 x (6-bit scale, 6-bit min) in 12 bytes
@@ -125,9 +135,15 @@ static void encode_lane(int64_t fmt, const RawBlock& o, int r, uint8_t* g) {
       put16(0, o.d);
       for (int k = 0; k < 32; ++k) g[32 + (k / 4) * 64 + 4 * r + k % 4] = (uint8_t)o.q[k];
       return;
-    case Q4_0:
+    case Q4_0: case IQ4_NL:
       put16(0, o.d);
       for (int k = 0; k < 16; ++k) g[32 + (k / 4) * 64 + 4 * r + k % 4] = (uint8_t)(o.q[k] | (o.q[k + 16] << 4));
+      return;
+    case IQ4_XS:
+      put16(0, o.d);
+      for (int j = 0; j < 8; ++j) g[32 + 16 * j + r] = (uint8_t)o.scale[j];
+      for (int k = 0; k < 256; ++k)  // sub-block k / 32, nibble k % 32 / 16 of vector k % 16 / 4, byte 4r + k % 4
+        g[iq4_quants(k / 32) + (k % 16 / 4) * 64 + 4 * r + k % 4] |= (uint8_t)(o.q[k] << (4 * (k % 32 / 16)));
       return;
     case Q4_K: case Q5_K:
       put16(0, o.d), put16(32, o.dmin);
@@ -177,11 +193,20 @@ static void decode_lane(int64_t fmt, const uint8_t* g, int r, float* out) {
       for (int k = 0; k < 32; ++k) out[k] = d * (float)(byte(32 + (k / 4) * 64 + k % 4) - 128);
       return;
     }
-    case Q4_0: {
+    case Q4_0: case IQ4_NL: {
       const float d = half(0);
+      auto level = [&](int q) { return (float)(fmt == Q4_0 ? q - 8 : IQ4_LEVELS[q]); };
       for (int k = 0; k < 16; ++k) {
         const int b = byte(32 + (k / 4) * 64 + k % 4);
-        out[k] = d * (float)((b & 15) - 8), out[k + 16] = d * (float)((b >> 4) - 8);
+        out[k] = d * level(b & 15), out[k + 16] = d * level(b >> 4);
+      }
+      return;
+    }
+    case IQ4_XS: {
+      const float d = half(0);
+      for (int k = 0; k < 256; ++k) {
+        const int b = byte(iq4_quants(k / 32) + (k % 16 / 4) * 64 + k % 4);
+        out[k] = d * (float)(int8_t)g[32 + 16 * (k / 32) + r] * (float)IQ4_LEVELS[(b >> (4 * (k % 32 / 16))) & 15];
       }
       return;
     }

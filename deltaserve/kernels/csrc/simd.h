@@ -136,6 +136,24 @@ static inline u8x64 bits_to(uint64_t mask) {
 #endif
 }
 
+// byte i of the result = table[idx[i]] for idx < 16 (table: 16 bytes repeated in each 16-byte lane)
+static inline u8x64 lookup16(u8x64 table, u8x64 idx) {
+#if defined(__AVX512BW__)
+  return (u8x64)_mm512_shuffle_epi8((__m512i)table, (__m512i)idx);
+#elif defined(__AVX2__)
+  __m256i t, i, r[2];
+  for (int h = 0; h < 2; ++h) {
+    std::memcpy(&t, (const char*)&table + 32 * h, 32), std::memcpy(&i, (const char*)&idx + 32 * h, 32);
+    r[h] = _mm256_shuffle_epi8(t, i);
+  }
+  return loadv<u8x64>(r);
+#else
+  u8x64 r;
+  for (int l = 0; l < 64; ++l) r[l] = table[idx[l]];
+  return r;
+#endif
+}
+
 // 16 bytes -> 16 int32 (unsigned / signed bytes; GCC scalarises __builtin_convertvector of bytes, hence intrinsics)
 static inline i32x16 load_u8_as_i32(const uint8_t* p) {
 #if defined(__AVX512F__)

@@ -6,7 +6,7 @@
 #include "simd.h"
 
 enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-                    BF16 = 30 };  // GGML ids
+                    IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };  // GGML ids
 constexpr int64_t GROUP = 16;
 
 // Offsets inside a group's block of the K-quant layouts (packed.h)
@@ -16,6 +16,15 @@ constexpr int64_t q6_low(int p) { return 288 + 384 * p; }                       
 constexpr int64_t q6_high(int s) { return 288 + 384 * (s / 2) + 256 + 64 * (s % 2); }  // sub-block s's high bits
 constexpr int64_t q23_low(int64_t fmt, int s) { return fmt == Q2_K ? 320 + 64 * s : 288 + 96 * s; }  // low 2 bits
 constexpr int64_t q3_bits(int s) { return 288 + 96 * s + 64; }                                        // third bits
+constexpr int64_t iq4_quants(int j) { return 160 + 256 * j; }  // IQ4_XS sub-block j's [4 v] vectors
+
+// The IQ4 formats' 16 non-uniform levels (ggml's kvalues_iq4nl), stored + 128 so the weight bytes are unsigned
+constexpr int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static inline u8x64 iq4_table() {
+  u8x64 t;
+  for (int i = 0; i < 64; ++i) t[i] = (uint8_t)(IQ4_LEVELS[i % 16] + 128);
+  return t;
+}
 
 struct ActRow {       // one activation row as the kernels read it
   const float* x;     // [K] floats (float formats), in the weight's column order
@@ -79,20 +88,47 @@ static void tile_q8_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out)
   for (int t = 0; t < RT; ++t) out[t] = acc[t];
 }
 
-template <int RT>
+template <int RT, bool NL>  // Q4_0: q - 8; IQ4_NL (NL): IQ4_LEVELS[q], both stored unsigned
 static void tile_q4_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
   f32x16 acc[RT] = {};
+  const u8x64 levels = iq4_table();
   for (int64_t b = 0; b < K / 32; ++b, g += 288) {
     const f32x16 d = load_halves((const uint16_t*)g);
     u8x64 w[8];
     for (int v = 0; v < 4; ++v) {
       const u32x16 l = loadv<u32x16>(g + 32 + 64 * v);
       w[v] = (u8x64)(l & 0x0F0F0F0Fu), w[v + 4] = (u8x64)((l >> 4) & 0x0F0F0F0Fu);
+      if (NL) w[v] = lookup16(levels, w[v]), w[v + 4] = lookup16(levels, w[v + 4]);
     }
     for (int t = 0; t < RT; ++t) {
-      i32x16 p = splat_i(-8 * (a[t].s[2 * b] + a[t].s[2 * b + 1]));
+      i32x16 p = splat_i(-(NL ? 128 : 8) * (a[t].s[2 * b] + a[t].s[2 * b + 1]));
       for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * b + 4 * v));
       acc[t] = fma16(to_float(p), d * a[t].d[b], acc[t]);
+    }
+  }
+  for (int t = 0; t < RT; ++t) out[t] = acc[t];
+}
+
+// IQ4_XS: sub-blocks of 32 (one activation block each) with a signed 6-bit scale, levels as IQ4_NL's
+template <int RT>
+static void tile_iq4_xs(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
+  f32x16 acc[RT] = {};
+  const u8x64 levels = iq4_table();
+  for (int64_t sb = 0; sb < K / 256; ++sb, g += 2208) {
+    const f32x16 d = load_halves((const uint16_t*)g);
+    for (int j = 0; j < 8; ++j) {
+      const f32x16 dsc = d * load_i8_as_float((const int8_t*)(g + 32 + 16 * j));
+      u8x64 w[8];
+      for (int v = 0; v < 4; ++v) {
+        const u32x16 l = loadv<u32x16>(g + iq4_quants(j) + 64 * v);
+        w[v] = lookup16(levels, (u8x64)(l & 0x0F0F0F0Fu)), w[v + 4] = lookup16(levels, (u8x64)((l >> 4) & 0x0F0F0F0Fu));
+      }
+      const int64_t blk = 8 * sb + j;
+      for (int t = 0; t < RT; ++t) {
+        i32x16 p = splat_i(-128 * (a[t].s[2 * blk] + a[t].s[2 * blk + 1]));
+        for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * blk + 4 * v));
+        acc[t] = fma16(to_float(p), dsc * a[t].d[blk], acc[t]);
+      }
     }
   }
   for (int t = 0; t < RT; ++t) out[t] = acc[t];
@@ -206,7 +242,9 @@ static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x
   switch (fmt) {
     case F32: case F16: case BF16: return tile_floats<RT, 1>(fmt, g, 0, K, a, acc);
     case Q8_0: return tile_q8_0<RT>(g, K, a, acc);
-    case Q4_0: return tile_q4_0<RT>(g, K, a, acc);
+    case Q4_0: return tile_q4_0<RT, false>(g, K, a, acc);
+    case IQ4_NL: return tile_q4_0<RT, true>(g, K, a, acc);
+    case IQ4_XS: return tile_iq4_xs<RT>(g, K, a, acc);
     case Q4_K: return tile_q45_k<RT, false>(g, K, a, acc);
     case Q5_K: return tile_q45_k<RT, true>(g, K, a, acc);
     case Q6_K: return tile_q6_k<RT>(g, K, a, acc);

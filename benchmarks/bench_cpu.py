@@ -1,15 +1,15 @@
 """deltaserve against llama.cpp on the same GGUF files, same threads, same run (issue 15).
 
 The random 338M Qwen3-Next checkpoint of benchmarks/common.py, converted by llama.cpp's own converter
-(../shared/tools/convert-to-gguf.py) to F32 and quantized by its llama-quantize to Q8_0 and Q4_K_M (Q3_K_M, Q2_K
-on request). Per file and
-thread count, rounds alternate: deltaserve in a child process, then `llama-batched-bench -npp 128 -ntg 32
--npl 1,8`. The same three numbers from both: prefill of a 128-token prompt (t/s), decode of 32 tokens after it
-with 1 sequence and with 8 (aggregate t/s). Then the peak RSS of one generation of 32 tokens after a 128-token
-prompt (`deltaserve generate` against llama-batched-bench -npl 1, both with a 4096-token context).
+(../shared/tools/convert-to-gguf.py) to F32 and quantized by its llama-quantize to Q8_0 and Q4_K_M (Q3_K_M, Q2_K,
+IQ4_XS on request). Per file and thread count, rounds alternate: deltaserve in a child process, then
+`llama-batched-bench -npp 128 -ntg 32 -npl 1,8`. The same three numbers from both: prefill of a 128-token prompt
+(t/s), decode of 32 tokens after it with 1 sequence and with 8 (aggregate t/s). Then the peak RSS of one
+generation of 32 tokens after a 128-token prompt (`deltaserve generate` against llama-batched-bench -npl 1, both
+with a 4096-token context).
 
 Needs llama.cpp built by ../shared/tools/build-llama-cpp.sh (default ~/.cache/deltaserve-peer/llama.cpp).
-Run: python benchmarks/bench_cpu.py [--rounds 3] [--threads 1,2] [--files f32,q8_0,q4_k_m,q3_k_m,q2_k]
+Run: python benchmarks/bench_cpu.py [--rounds 3] [--threads 1,2] [--files f32,q8_0,q4_k_m,q3_k_m,q2_k,iq4_xs]
 [--llama-cpp DIR]
 """
 
@@ -32,7 +32,7 @@ from common import BENCH_CONFIG, bench_checkpoint, commit, machine, timed
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, TOKENS, CTX = 128, 32, 4096
-QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}
+QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS"}
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -139,9 +139,9 @@ def main() -> None:
                     run = ours_child(path, t) if who == "deltaserve" else peer(args.llama_cpp, path, t)
                     results[f, t, who].append(run)
     rss = {f: rss_pair(args.llama_cpp, path, max(threads)) for f, path in files.items()}
-    print(f"# {machine().split(',')[0]}, torch {torch.__version__} | commit {commit()} | {datetime.date.today()} | random Qwen3-Next 338M ({BENCH_CONFIG['num_hidden_layers']} "
-          f"layers), files by llama.cpp's converter + llama-quantize | prompt {PROMPT}, {TOKENS} new tokens, "
-          f"median of {args.rounds} alternated rounds")
+    print(f"# {machine().split(',')[0]}, torch {torch.__version__} | commit {commit()} | {datetime.date.today()} | "
+          f"random Qwen3-Next 338M ({BENCH_CONFIG['num_hidden_layers']} layers), files by llama.cpp's converter + "
+          f"llama-quantize | prompt {PROMPT}, {TOKENS} new tokens, median of {args.rounds} alternated rounds")
     print("\n| file | threads | pp128 t/s ds / llama.cpp | TG np=1 t/s ds / llama.cpp | TG np=8 t/s ds / llama.cpp |")
     print("|---|---|---|---|---|")
     for f in files:

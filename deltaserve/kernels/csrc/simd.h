@@ -154,29 +154,25 @@ static inline u8x64 lookup16(u8x64 table, u8x64 idx) {
 #endif
 }
 
-// 16 bytes -> 16 int32 (unsigned / signed bytes; GCC scalarises __builtin_convertvector of bytes, hence intrinsics)
-static inline i32x16 load_u8_as_i32(const uint8_t* p) {
+// 16 bytes -> 16 int32, signed or unsigned (GCC scalarises __builtin_convertvector of bytes, hence intrinsics)
+template <bool SIGNED>
+static inline i32x16 bytes_to_i32(const void* p) {
 #if defined(__AVX512F__)
-  return (i32x16)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  return (i32x16)(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
 #elif defined(__AVX2__)
-  __m256i r[2] = {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)),
-                  _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  __m256i r[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m128i b = _mm_loadl_epi64((const __m128i*)((const char*)p + 8 * h));
+    r[h] = SIGNED ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+  }
   return loadv<i32x16>(r);
 #else
-  return __builtin_convertvector(loadv<u8x16>(p), i32x16);
+  return SIGNED ? __builtin_convertvector(loadv<i8x16>(p), i32x16) : __builtin_convertvector(loadv<u8x16>(p), i32x16);
 #endif
 }
-static inline i32x16 load_i8_as_i32(const int8_t* p) {
-#if defined(__AVX512F__)
-  return (i32x16)_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p));
-#elif defined(__AVX2__)
-  __m256i r[2] = {_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)),
-                  _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
-  return loadv<i32x16>(r);
-#else
-  return __builtin_convertvector(loadv<i8x16>(p), i32x16);
-#endif
-}
+static inline i32x16 load_u8_as_i32(const uint8_t* p) { return bytes_to_i32<false>(p); }
+static inline i32x16 load_i8_as_i32(const int8_t* p) { return bytes_to_i32<true>(p); }
 static inline f32x16 load_u8_as_float(const uint8_t* p) { return to_float(load_u8_as_i32(p)); }
 static inline f32x16 load_i8_as_float(const int8_t* p) { return to_float(load_i8_as_i32(p)); }
 

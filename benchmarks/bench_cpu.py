@@ -32,7 +32,8 @@ from common import BENCH_CONFIG, bench_checkpoint, commit, machine, timed
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, TOKENS, CTX = 128, 32, 4096
-QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS"}
+QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS",
+            "mxfp4_moe": "MXFP4_MOE"}
 
 
 def prompts(n: int) -> list[list[int]]:

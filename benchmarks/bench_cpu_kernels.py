@@ -23,7 +23,7 @@ from deltaserve.kernels.quantized import QuantizedWeight, QuantSegment
 N, K = 4096, 1024
 FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16}
 SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2],
-            Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
+            Q.Q6_K: [208], Q.IQ4_NL: [0], Q.IQ4_XS: [0], Q.MXFP4: []}
 
 
 def weight(fmt: str, seed: int):
@@ -35,13 +35,15 @@ def weight(fmt: str, seed: int):
     raw = rng.integers(0, 256, (N, K // block, size), dtype=np.uint8)
     for at in SCALE_AT[qtype]:
         raw[..., at:at + 2] = rng.uniform(1e-4, 1e-3, raw.shape[:-1]).astype(np.float16)[..., None].view(np.uint8)
+    if qtype == Q.MXFP4:
+        raw[..., 0] = rng.integers(112, 118, raw.shape[:-1])  # E8M0 scales 2^-16 .. 2^-11
     return QuantizedWeight((N, K), [QuantSegment(qtype, torch.from_numpy(raw.reshape(N, -1)))])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS")
+    ap.add_argument("--formats", default="F32,BF16,Q8_0,Q4_0,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS,MXFP4")
     args = ap.parse_args()
     print(f"# {machine().split(',')[0]}, torch {torch.__version__}, kernels built for {cpu_native.ops().isa()} | commit "
           f"{commit()} | {datetime.date.today()} | W {N} x {K}, cold; GB/s of weights / GFLOP/s")

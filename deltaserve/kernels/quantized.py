@@ -19,7 +19,8 @@ from gguf.quants import dequantize
 
 Q = GGMLQuantizationType
 # Formats the CPU kernels compute on as stored; the loader dequantizes any other type (with a warning)
-KEPT = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS})
+KEPT = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS,
+                  Q.MXFP4})
 FLOAT_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 QTYPE_OF_DTYPE = {dtype: qtype for qtype, dtype in FLOAT_DTYPES.items()}
 ACT_BLOCK = 32

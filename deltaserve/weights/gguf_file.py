@@ -142,7 +142,11 @@ class GGUFFile:
                 raise self._corrupt(name)
             return tensor
         data = data.view(*shape[:-1], -1)
-        scales = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])[:, SCALE_BYTES[qtype]].contiguous().view(torch.float16)
-        if not torch.isfinite(scales).all():
+        blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+        if qtype == Q.MXFP4:  # an E8M0 scale byte: 255 is NaN (OCP MX spec)
+            finite = bool((blocks[:, 0] != 255).all())
+        else:
+            finite = bool(torch.isfinite(blocks[:, SCALE_BYTES[qtype]].contiguous().view(torch.float16)).all())
+        if not finite:
             raise self._corrupt(name)
         return QuantizedWeight(shape, [QuantSegment(qtype, data)])

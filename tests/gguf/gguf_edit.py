@@ -44,7 +44,7 @@ def rewrite_gguf(src: Path, dst: Path, drop_keys: tuple[str, ...] = (), set_keys
 
 
 SCALE_AT = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208], Q.Q3_K: [108],
-            Q.Q2_K: [80, 82], Q.Q5_1: [0, 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}
+            Q.Q2_K: [80, 82], Q.Q5_1: [0, 2], Q.IQ4_NL: [0], Q.IQ4_XS: [0], Q.MXFP4: []}
 
 
 def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:
@@ -56,4 +56,7 @@ def random_blocks(qtype, shape, seed=0, scale=1e-3) -> np.ndarray:
     for at in SCALE_AT[qtype]:
         d = (rng.uniform(scale / 5, scale * 2, raw.shape[:-1]) * rng.choice([-1, 1], raw.shape[:-1])).astype(np.float16)
         raw[..., at:at + 2] = d[..., None].view(np.uint8)
+    if qtype == Q.MXFP4:  # an E8M0 scale 2^(e - 128) within a factor of 4 of `scale`, times levels up to 12
+        e = np.round(np.log2(scale / 8)) + 128
+        raw[..., 0] = rng.integers(e - 2, e + 3, raw.shape[:-1])
     return raw.reshape(*shape[:-1], -1)

@@ -33,7 +33,7 @@ from tiny_models import tiny_config
 
 pytestmark = pytest.mark.skipif(cpu_native.ops() is None, reason="no C++ toolchain to build the CPU kernels")
 
-FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
+FORMATS = [Q.Q8_0, Q.Q4_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.MXFP4]
 def weight(qtype, shape, seed=0) -> QuantizedWeight:
     return QuantizedWeight(shape, [QuantSegment(qtype, torch.from_numpy(random_blocks(qtype, shape, seed)))])
 
@@ -61,6 +61,14 @@ def test_packed_blocks_hold_the_files_values(qtype, shape):
     assert torch.equal(packed.rows(0, torch.arange(shape[0])), torch.from_numpy(ref))
     growth = 1.04 if qtype == Q.Q3_K else 1.03  # 6-bit scales a byte each
     assert packed.nbytes <= growth * -(-shape[0] // 16) * 16 * w.nbytes / shape[0]  # the file's size, rows padded to 16
+
+
+def test_mxfp4_scales_at_the_e8m0_edges():
+    """E8M0 bytes 0 and 1 are subnormal floats (2^-128, 2^-127), 250 is 2^122: unpacked as gguf-py reads them."""
+    w = weight(Q.MXFP4, (16, 256))
+    w.segments[0].data.view(16, 8, 17)[:, :, 0] = torch.tensor([0, 1, 2, 3, 127, 128, 200, 250], dtype=torch.uint8)
+    ref = dequantize(w.segments[0].data.numpy(), Q.MXFP4)
+    assert torch.equal(cpu_native.pack(w).rows(0, torch.arange(16)), torch.from_numpy(ref))
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
@@ -174,10 +182,14 @@ def test_mix_loads_as_stored(mix_gguf, caplog):
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda q: q.name)
 def test_infinite_block_scale_names_the_tensor(mix_gguf, tmp_path, qtype):
-    """A tensor kept in its blocks is checked as a dequantized one is: an Inf block scale fails the load, naming it."""
+    """A tensor kept in its blocks is checked as a dequantized one is: an Inf / NaN block scale fails the load, naming
+    it."""
     blocks = random_blocks(qtype, (4, 256, 256))  # blk.1's routed down-projections [E, N, K]
-    at = SCALE_AT[qtype][-1]
-    blocks[1, 3, at:at + 2] = np.array([np.inf], np.float16).view(np.uint8)
+    if qtype == Q.MXFP4:
+        blocks[1, 3, 0] = 255  # E8M0 NaN
+    else:
+        at = SCALE_AT[qtype][-1]
+        blocks[1, 3, at:at + 2] = np.array([np.inf], np.float16).view(np.uint8)
     bad = rewrite_gguf(mix_gguf, tmp_path / "bad.gguf", retype={"blk.1.ffn_down_exps.weight": (blocks, qtype)})
     with pytest.raises(CheckpointError, match=rf"'blk.1.ffn_down_exps.weight' \({qtype.name}\) holds NaN or Inf"):
         load_model(bad)

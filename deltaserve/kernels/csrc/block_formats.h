@@ -10,6 +10,7 @@
 //   Q8_0 (32): d[16] f16 | q+128 [8 v][16 r][4] u8                                     544 = raw
 //   Q4_0 (32): d[16] f16 | [4 v][16 r][4] u8, low nibble k = 4v+j, high k = 16+4v+j    288 = raw
 //   IQ4_NL (32): Q4_0's; a nibble is the index of a level (IQ4_LEVELS), not q + 8       288 = raw
+//   MXFP4 (32): e[16] u8 (E8M0) | Q4_0's quants, nibbles index MXFP4_LEVELS             272 = raw
 //   Q4_K (256): d[16], dmin[16] f16 | scale[8][16], min[8][16] u8 | [4 c][8 v][16 r][4] u8 with low nibble
 //               k = 64c+4v+j (sub-block 2c), high k = 64c+32+4v+j (2c+1)                2368 = raw + 2.8%
 //   Q5_K (256): Q4_K's, but after each c's quants [8 v][16 r][4] come the fifth bits of its two sub-blocks
@@ -43,6 +44,7 @@ static FmtInfo fmt_info(int64_t fmt) {
     case Q8_0: return {32, 34, 544, true};
     case Q4_0: case IQ4_NL: return {32, 18, 288, true};
     case IQ4_XS: return {256, 136, 2208, true};
+    case MXFP4: return {32, 17, 272, true};
     case Q4_K: return {256, 144, 2368, true};
     case Q5_K: return {256, 176, 2880, true};
     case Q6_K: return {256, 210, 3360, true};
@@ -54,7 +56,7 @@ static FmtInfo fmt_info(int64_t fmt) {
 
 // One row's block in the file's layout, decoded: quants as unsigned integers, scales as stored.
 struct RawBlock {
-  uint16_t d = 0, dmin = 0;  // fp16 bits
+  uint16_t d = 0, dmin = 0;  // fp16 bits (MXFP4: d is the E8M0 byte)
   int32_t q[256], scale[16], min[16];
 };
 
@@ -66,10 +68,12 @@ static void decode_raw(int64_t fmt, const uint8_t* b, RawBlock& o) {
       o.d = u16_at(b);
       for (int k = 0; k < 32; ++k) o.q[k] = (int8_t)b[2 + k] + 128;
       return;
-    case Q4_0: case IQ4_NL:
-      o.d = u16_at(b);
-      for (int k = 0; k < 16; ++k) o.q[k] = b[2 + k] & 15, o.q[k + 16] = b[2 + k] >> 4;
+    case Q4_0: case IQ4_NL: case MXFP4: {
+      const int at = fmt == MXFP4 ? 1 : 2;  // the quants follow an E8M0 byte or an fp16 scale
+      o.d = fmt == MXFP4 ? b[0] : u16_at(b);
+      for (int k = 0; k < 16; ++k) o.q[k] = b[at + k] & 15, o.q[k + 16] = b[at + k] >> 4;
       return;
+    }
     case IQ4_XS: {  // d, scales_h (u16: high 2 bits of 8 scales), scales_l [4] (low 4 bits), qs [128] as IQ4_NL's
       o.d = u16_at(b);
       const int high = u16_at(b + 2);
@@ -135,10 +139,13 @@ static void encode_lane(int64_t fmt, const RawBlock& o, int r, uint8_t* g) {
       put16(0, o.d);
       for (int k = 0; k < 32; ++k) g[32 + (k / 4) * 64 + 4 * r + k % 4] = (uint8_t)o.q[k];
       return;
-    case Q4_0: case IQ4_NL:
-      put16(0, o.d);
-      for (int k = 0; k < 16; ++k) g[32 + (k / 4) * 64 + 4 * r + k % 4] = (uint8_t)(o.q[k] | (o.q[k + 16] << 4));
+    case Q4_0: case IQ4_NL: case MXFP4: {
+      const int at = fmt == MXFP4 ? 16 : 32;
+      if (fmt == MXFP4) g[r] = (uint8_t)o.d;
+      else put16(0, o.d);
+      for (int k = 0; k < 16; ++k) g[at + (k / 4) * 64 + 4 * r + k % 4] = (uint8_t)(o.q[k] | (o.q[k + 16] << 4));
       return;
+    }
     case IQ4_XS:
       put16(0, o.d);
       for (int j = 0; j < 8; ++j) g[32 + 16 * j + r] = (uint8_t)o.scale[j];
@@ -193,11 +200,11 @@ static void decode_lane(int64_t fmt, const uint8_t* g, int r, float* out) {
       for (int k = 0; k < 32; ++k) out[k] = d * (float)(byte(32 + (k / 4) * 64 + k % 4) - 128);
       return;
     }
-    case Q4_0: case IQ4_NL: {
-      const float d = half(0);
-      auto level = [&](int q) { return (float)(fmt == Q4_0 ? q - 8 : IQ4_LEVELS[q]); };
+    case Q4_0: case IQ4_NL: case MXFP4: {
+      const float d = fmt == MXFP4 ? e8m0_half(g[r]) : half(0);
+      auto level = [&](int q) { return (float)(fmt == Q4_0 ? q - 8 : fmt == MXFP4 ? MXFP4_LEVELS[q] : IQ4_LEVELS[q]); };
       for (int k = 0; k < 16; ++k) {
-        const int b = byte(32 + (k / 4) * 64 + k % 4);
+        const int b = byte((fmt == MXFP4 ? 16 : 32) + (k / 4) * 64 + k % 4);
         out[k] = d * level(b & 15), out[k + 16] = d * level(b >> 4);
       }
       return;

@@ -6,7 +6,7 @@
 #include "simd.h"
 
 enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-                    IQ4_NL = 20, IQ4_XS = 23, BF16 = 30 };  // GGML ids
+                    IQ4_NL = 20, IQ4_XS = 23, BF16 = 30, MXFP4 = 39 };  // GGML ids
 constexpr int64_t GROUP = 16;
 
 // Offsets inside a group's block of the K-quant layouts (packed.h)
@@ -18,12 +18,26 @@ constexpr int64_t q23_low(int64_t fmt, int s) { return fmt == Q2_K ? 320 + 64 * 
 constexpr int64_t q3_bits(int s) { return 288 + 96 * s + 64; }                                        // third bits
 constexpr int64_t iq4_quants(int j) { return 160 + 256 * j; }  // IQ4_XS sub-block j's [4 v] vectors
 
-// The IQ4 formats' 16 non-uniform levels (ggml's kvalues_iq4nl), stored + 128 so the weight bytes are unsigned
+// The 16 levels of the 4-bit formats with a level table, stored + 128 so the weight bytes are unsigned: IQ4_NL / IQ4_XS
+// (ggml's kvalues_iq4nl) and MXFP4 (e2m1 values, doubled: ggml's kvalues_mxfp4)
 constexpr int8_t IQ4_LEVELS[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-static inline u8x64 iq4_table() {
+constexpr int8_t MXFP4_LEVELS[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+static inline u8x64 level_table(const int8_t* levels) {
   u8x64 t;
-  for (int i = 0; i < 64; ++i) t[i] = (uint8_t)(IQ4_LEVELS[i % 16] + 128);
+  for (int i = 0; i < 64; ++i) t[i] = (uint8_t)(levels[i % 16] + 128);
   return t;
+}
+
+// MXFP4's E8M0 block scale as ggml reads it (GGML_E8M0_TO_FP32_HALF): 2^(e - 128), subnormal for e < 2
+static inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline f32x16 e8m0_half(i32x16 e) {
+  const i32x16 small = e < 2;  // lanes of -1 where e < 2
+  return (f32x16)((small & (splat_i(0x00200000) << e)) | (~small & ((e - 1) << 23)));
 }
 
 struct ActRow {       // one activation row as the kernels read it
@@ -88,20 +102,22 @@ static void tile_q8_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out)
   for (int t = 0; t < RT; ++t) out[t] = acc[t];
 }
 
-template <int RT, bool NL>  // Q4_0: q - 8; IQ4_NL (NL): IQ4_LEVELS[q], both stored unsigned
+// Q4_0 (q - 8, an fp16 scale), IQ4_NL (IQ4_LEVELS[q], fp16) and MXFP4 (MXFP4_LEVELS[q], E8M0): blocks of 32 nibbles
+template <int RT, int64_t FMT>
 static void tile_q4_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
   f32x16 acc[RT] = {};
-  const u8x64 levels = iq4_table();
-  for (int64_t b = 0; b < K / 32; ++b, g += 288) {
-    const f32x16 d = load_halves((const uint16_t*)g);
+  const u8x64 levels = level_table(FMT == MXFP4 ? MXFP4_LEVELS : IQ4_LEVELS);
+  constexpr int64_t QUANTS = FMT == MXFP4 ? 16 : 32, BYTES = QUANTS + 256;
+  for (int64_t b = 0; b < K / 32; ++b, g += BYTES) {
+    const f32x16 d = FMT == MXFP4 ? e8m0_half(load_u8_as_i32(g)) : load_halves((const uint16_t*)g);
     u8x64 w[8];
     for (int v = 0; v < 4; ++v) {
-      const u32x16 l = loadv<u32x16>(g + 32 + 64 * v);
+      const u32x16 l = loadv<u32x16>(g + QUANTS + 64 * v);
       w[v] = (u8x64)(l & 0x0F0F0F0Fu), w[v + 4] = (u8x64)((l >> 4) & 0x0F0F0F0Fu);
-      if (NL) w[v] = lookup16(levels, w[v]), w[v + 4] = lookup16(levels, w[v + 4]);
+      if (FMT != Q4_0) w[v] = lookup16(levels, w[v]), w[v + 4] = lookup16(levels, w[v + 4]);
     }
     for (int t = 0; t < RT; ++t) {
-      i32x16 p = splat_i(-(NL ? 128 : 8) * (a[t].s[2 * b] + a[t].s[2 * b + 1]));
+      i32x16 p = splat_i(-(FMT == Q4_0 ? 8 : 128) * (a[t].s[2 * b] + a[t].s[2 * b + 1]));
       for (int v = 0; v < 8; ++v) p = dot4(p, w[v], bytes4(a[t].q + 32 * b + 4 * v));
       acc[t] = fma16(to_float(p), d * a[t].d[b], acc[t]);
     }
@@ -113,7 +129,7 @@ static void tile_q4_0(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out)
 template <int RT>
 static void tile_iq4_xs(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out) {
   f32x16 acc[RT] = {};
-  const u8x64 levels = iq4_table();
+  const u8x64 levels = level_table(IQ4_LEVELS);
   for (int64_t sb = 0; sb < K / 256; ++sb, g += 2208) {
     const f32x16 d = load_halves((const uint16_t*)g);
     for (int j = 0; j < 8; ++j) {
@@ -242,8 +258,9 @@ static void tile(int64_t fmt, const uint8_t* g, int64_t K, const ActRow* a, f32x
   switch (fmt) {
     case F32: case F16: case BF16: return tile_floats<RT, 1>(fmt, g, 0, K, a, acc);
     case Q8_0: return tile_q8_0<RT>(g, K, a, acc);
-    case Q4_0: return tile_q4_0<RT, false>(g, K, a, acc);
-    case IQ4_NL: return tile_q4_0<RT, true>(g, K, a, acc);
+    case Q4_0: return tile_q4_0<RT, Q4_0>(g, K, a, acc);
+    case IQ4_NL: return tile_q4_0<RT, IQ4_NL>(g, K, a, acc);
+    case MXFP4: return tile_q4_0<RT, MXFP4>(g, K, a, acc);
     case IQ4_XS: return tile_iq4_xs<RT>(g, K, a, acc);
     case Q4_K: return tile_q45_k<RT, false>(g, K, a, acc);
     case Q5_K: return tile_q45_k<RT, true>(g, K, a, acc);

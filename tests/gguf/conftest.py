@@ -59,7 +59,7 @@ DIMS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key
             num_experts=4, num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=256)
 MIX = {"attn_qkv": Q.Q6_K, "attn_gate": Q.Q4_K, "ssm_alpha": Q.Q8_0, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q5_K,
        "attn_q": Q.Q4_K, "attn_k": Q.Q4_0, "attn_v": Q.Q6_K, "attn_output": Q.Q5_K, "ffn_gate_exps": Q.Q4_K,
-       "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K, "ffn_gate_shexp": Q.Q8_0, "ffn_up_shexp": Q.Q8_0,
+       "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K, "ffn_gate_shexp": Q.IQ4_XS, "ffn_up_shexp": Q.MXFP4,
        "ffn_down_shexp": Q.Q6_K, "token_embd": Q.Q4_K, "output": Q.Q6_K}
 
 

@@ -175,6 +175,7 @@ def test_mix_loads_as_stored(mix_gguf, caplog):
     assert gdn.out_proj.weight.col_perm is not None  # qwen35: V heads tiled in the file
     assert model.layers[3].mixer.qkv_proj.weight.qtypes == ["Q4_K", "Q4_0", "Q6_K"]
     assert [model.layers[i].ffn.experts_down.qtypes for i in (1, 2)] == [["Q3_K"], ["Q2_K"]]
+    assert model.layers[0].ffn.shared.gate_up.weight.qtypes == ["IQ4_XS", "MXFP4"]  # [gate | up] rows as stored
     assert isinstance(model.layers[3].ffn.experts_down, torch.Tensor)  # Q5_1: dequantized
     file_bytes = sum(GGUFFile(mix_gguf).data_bytes(n) for n in GGUFFile(mix_gguf).tensors)
     assert model.weight_bytes() <= 1.1 * file_bytes + model.layers[3].ffn.experts_down.numel() * 4

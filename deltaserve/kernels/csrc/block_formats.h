@@ -22,7 +22,8 @@
 //               [16 r][4] u8, bits 2v of k = 16s+4v+j                                   1344 = raw
 //   Q3_K (256): d[16] f16 | scale - 32 [16 s][16 r] i8 | per sub-block s: low 2 bits [16 r][4] u8, bits 2v of
 //               k = 16s+4v+j, then third bits [4 v] u64 (bit 4r+j)                      1824 = raw + 3.6%
-//   IQ4_XS (256): d[16] f16 | scale - 32 [8 j][16 r] i8 | per sub-block j (32 each): IQ4_NL's quants   2208 = raw + 1.5%
+//   IQ4_XS (256): d[16] f16 | scale - 32 [8 j][16 r] i8 | per sub-block j (32 each): IQ4_NL's quants
+//                                                                                       2208 = raw + 1.5%
 // Each block is read front to back in one pass (two interleaved streams halve what the prefetchers deliver).
 // Q3_K/Q4_K/Q5_K store their 6-bit scales (and mins) one per byte (the file packs them into 12 bytes), hence the
 // 2-4%.
@@ -77,7 +78,8 @@ static void decode_raw(int64_t fmt, const uint8_t* b, RawBlock& o) {
     case IQ4_XS: {  // d, scales_h (u16: high 2 bits of 8 scales), scales_l [4] (low 4 bits), qs [128] as IQ4_NL's
       o.d = u16_at(b);
       const int high = u16_at(b + 2);
-      for (int j = 0; j < 8; ++j) o.scale[j] = (((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (((high >> (2 * j)) & 3) << 4)) - 32;
+      for (int j = 0; j < 8; ++j)
+        o.scale[j] = (((b[4 + j / 2] >> (4 * (j % 2))) & 15) | (((high >> (2 * j)) & 3) << 4)) - 32;
       for (int k = 0; k < 256; ++k) o.q[k] = (b[8 + 16 * (k / 32) + k % 16] >> (4 * (k % 32 / 16))) & 15;
       return;
     }
@@ -202,7 +204,8 @@ static void decode_lane(int64_t fmt, const uint8_t* g, int r, float* out) {
     }
     case Q4_0: case IQ4_NL: case MXFP4: {
       const float d = fmt == MXFP4 ? e8m0_half(g[r]) : half(0);
-      auto level = [&](int q) { return (float)(fmt == Q4_0 ? q - 8 : fmt == MXFP4 ? MXFP4_LEVELS[q] : IQ4_LEVELS[q]); };
+      const int8_t* levels = fmt == MXFP4 ? MXFP4_LEVELS : IQ4_LEVELS;
+      auto level = [&](int q) { return (float)(fmt == Q4_0 ? q - 8 : levels[q]); };
       for (int k = 0; k < 16; ++k) {
         const int b = byte((fmt == MXFP4 ? 16 : 32) + (k / 4) * 64 + k % 4);
         out[k] = d * level(b & 15), out[k + 16] = d * level(b >> 4);

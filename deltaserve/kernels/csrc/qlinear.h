@@ -29,7 +29,7 @@ static inline i32x16 round_to_int(f32x16 v) {  // nearest, ties to even (the def
 #endif
 }
 
-// x [K] (K a multiple of 32) -> q, d, s as described above
+// x [K] (K a multiple of 32) -> q, d, s as described above, and sd = s times its block's d (ActRow)
 static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s, float* sd) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const f32x16 lo = loadv<f32x16>(x + 32 * b), hi = loadv<f32x16>(x + 32 * b + 16);

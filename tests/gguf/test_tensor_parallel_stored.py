@@ -23,7 +23,7 @@ from deltaserve.weights.kquants import quantize_k
 from deltaserve.weights.loader import load_model, matrix_params
 from deltaserve.weights.rows import combine_rows
 from drive import prompt_logits
-from gguf_edit import rewrite_gguf
+from gguf_edit import random_blocks, rewrite_gguf
 from tiny_models import ARCHS, save_hf_model
 
 # widths whose halves are whole 256-blocks, and 4 key heads: Qwen3-Next's V-head regrouping (a column
@@ -45,6 +45,16 @@ def k_quant_file(f32, dst):
     return rewrite_gguf(f32, dst, retype=retype)
 
 
+def low_bit_file(f32, dst):
+    """The f32 export with its matrices in the CPU's other kept formats, in turn (random blocks: the slices, not the
+    values, are what the test checks)."""
+    f = GGUFFile(f32)
+    qtypes = [Q.Q2_K, Q.Q3_K, Q.IQ4_XS, Q.MXFP4, Q.IQ4_NL]
+    names = [n for n in f.tensors if len(f.shape(n)) >= 2 and f.shape(n)[-1] % 256 == 0]
+    retype = {n: (random_blocks(qtypes[i % 5], f.shape(n), seed=i), qtypes[i % 5]) for i, n in enumerate(names)}
+    return rewrite_gguf(f32, dst, retype=retype)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     out = {}
@@ -52,7 +62,9 @@ def files(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"tp_{arch}")
         hf = save_hf_model(arch, d / "hf", seed=2, **DIMS)
         out[arch, "q8_0"] = export_gguf(hf, d / "q8_0.gguf", "q8_0")
-        out[arch, "k"] = k_quant_file(export_gguf(hf, d / "f32.gguf", "f32"), d / "k.gguf")
+        f32 = export_gguf(hf, d / "f32.gguf", "f32")
+        out[arch, "k"] = k_quant_file(f32, d / "k.gguf")
+        out[arch, "low"] = low_bit_file(f32, d / "low.gguf")
         out[arch, "fp8"] = write_fp8_checkpoint(hf, d / "fp8")
     return out
 
@@ -62,8 +74,10 @@ def dense(w) -> torch.Tensor:
 
 
 # FP8 checkpoints stay FP8 on CUDA only (the CPU dequantizes them at load): their planes, not CPU blocks
-@pytest.mark.parametrize("kind,planar", [("q8_0", False), ("k", False), ("q8_0", True), ("k", True), ("fp8", True)],
-                         ids=["q8_0-cpu-blocks", "k-cpu-blocks", "q8_0-cuda-planes", "k-cuda-planes", "fp8-cuda-planes"])
+@pytest.mark.parametrize("kind,planar", [("q8_0", False), ("k", False), ("low", False), ("q8_0", True), ("k", True),
+                                         ("fp8", True)],
+                         ids=["q8_0-cpu-blocks", "k-cpu-blocks", "low-bit-cpu-blocks", "q8_0-cuda-planes",
+                              "k-cuda-planes", "fp8-cuda-planes"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_rank_holds_its_slice_in_the_stored_format(files, arch, kind, planar, caplog):
     path = files[arch, kind]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from live_server import API_KEY, VOCAB, LiveServer, train_tokenizer
+from deltaserve.kernels import cpu_native
 from deltaserve.server import ServerConfig
 from tiny_models import save_hf_model
 
@@ -21,6 +22,13 @@ def model_dir(tmp_path_factory) -> Path:
     # 4 layers: three Gated-DeltaNet layers and one attention layer
     save_hf_model("qwen3_5", path, vocab_size=VOCAB, num_hidden_layers=4, eos_token_id=tok.token_to_id("<|im_end|>"))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels_built() -> None:
+    """The CPU kernels compile on first use (~1 min on 2 cores): before any server starts, whose readiness wait
+    would otherwise time out while its engine compiles them."""
+    cpu_native.ops()
 
 
 @pytest.fixture(scope="session", autouse=True)

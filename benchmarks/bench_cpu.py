@@ -1,16 +1,16 @@
 """deltaserve against llama.cpp on the same GGUF files, same threads, same run (issue 15).
 
 The random 338M Qwen3-Next checkpoint of benchmarks/common.py, converted by llama.cpp's own converter
-(../shared/tools/convert-to-gguf.py) to F32 and quantized by its llama-quantize to Q8_0 and Q4_K_M (Q3_K_M, Q2_K,
-IQ4_XS on request). Per file and thread count, rounds alternate: deltaserve in a child process, then
+(../shared/tools/convert-to-gguf.py) to F32 and quantized by its llama-quantize to Q8_0 and Q4_K_M (Q5_K_M, Q3_K_M, Q2_K,
+IQ4_XS, MXFP4_MOE on request). Per file and thread count, rounds alternate: deltaserve in a child process, then
 `llama-batched-bench -npp 128 -ntg 32 -npl 1,8`. The same three numbers from both: prefill of a 128-token prompt
 (t/s), decode of 32 tokens after it with 1 sequence and with 8 (aggregate t/s). Then the peak RSS of one
 generation of 32 tokens after a 128-token prompt (`deltaserve generate` against llama-batched-bench -npl 1, both
 with a 4096-token context).
 
 Needs llama.cpp built by ../shared/tools/build-llama-cpp.sh (default ~/.cache/deltaserve-peer/llama.cpp).
-Run: python benchmarks/bench_cpu.py [--rounds 3] [--threads 1,2] [--files f32,q8_0,q4_k_m,q3_k_m,q2_k,iq4_xs]
-[--llama-cpp DIR]
+Run: python benchmarks/bench_cpu.py [--rounds 3] [--threads 1,2] [--llama-cpp DIR]
+[--files f32,q8_0,q4_k_m,q5_k_m,q3_k_m,q2_k,iq4_xs,mxfp4_moe]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from common import BENCH_CONFIG, bench_checkpoint, commit, machine, timed
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, TOKENS, CTX = 128, 32, 4096
 QUANTIZE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS",
-            "mxfp4_moe": "MXFP4_MOE"}
+            "q5_k_m": "Q5_K_M", "mxfp4_moe": "MXFP4_MOE"}
 
 
 def prompts(n: int) -> list[list[int]]:

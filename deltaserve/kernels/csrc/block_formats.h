@@ -14,7 +14,7 @@
 //   Q4_K (256): d[16], dmin[16] f16 | scale[8][16], min[8][16] u8 | [4 c][8 v][16 r][4] u8 with low nibble
 //               k = 64c+4v+j (sub-block 2c), high k = 64c+32+4v+j (2c+1)                2368 = raw + 2.8%
 //   Q5_K (256): Q4_K's, but after each c's quants [8 v][16 r][4] come the fifth bits of its two sub-blocks
-//               [2][8 v] u64 (bit 4r+j)                                                 2880 = raw + 2.3%
+//               [2][16 r][4] u8, bit v of k = 4v+j (in the sub-block)                   2880 = raw + 2.3%
 //   Q6_K (256): d[16] f16 | scale[16][16] i8 | per pair p of sub-blocks (16 each): low 4 bits [4 v][16 r][4] u8,
 //               low nibble k = 32p+4v+j, high k = 32p+16+4v+j, then high 2 bits [2 s][16 r][4] u8, bits 2v of
 //               k = 16s+4v+j                                                            3360 = raw
@@ -162,8 +162,8 @@ static void encode_lane(int64_t fmt, const RawBlock& o, int r, uint8_t* g) {
           g[q45_quants(fmt, c) + (i / 4) * 64 + 4 * r + i % 4] =
               (uint8_t)((o.q[64 * c + i] & 15) | ((o.q[64 * c + 32 + i] & 15) << 4));
       if (fmt == Q5_K)
-        for (int k = 0; k < 256; ++k)  // sub-block k / 32 (c = k / 64), vector k % 32 / 4, bit 4r + k % 4
-          if (o.q[k] & 16) g[q5_bits(k / 32) + (k % 32 / 4) * 8 + (4 * r + k % 4) / 8] |= (uint8_t)(1 << ((4 * r + k % 4) % 8));
+        for (int k = 0; k < 256; ++k)  // sub-block k / 32 (c = k / 64), byte 4r + k % 4, bit v = k % 32 / 4
+          if (o.q[k] & 16) g[q5_bits(k / 32) + 4 * r + k % 4] |= (uint8_t)(1 << (k % 32 / 4));
       return;
     case Q6_K:
       put16(0, o.d);
@@ -225,7 +225,7 @@ static void decode_lane(int64_t fmt, const uint8_t* g, int r, float* out) {
       for (int k = 0; k < 256; ++k) {
         const int c = k / 64, i = k % 32, b = byte(q45_quants(fmt, c) + (i / 4) * 64 + i % 4), j = k / 32;
         int q = (k % 64 < 32) ? (b & 15) : (b >> 4);
-        if (fmt == Q5_K) q |= ((g[q5_bits(j) + (i / 4) * 8 + (4 * r + k % 4) / 8] >> ((4 * r + k % 4) % 8)) & 1) << 4;
+        if (fmt == Q5_K) q |= ((byte(q5_bits(j) + k % 4) >> (i / 4)) & 1) << 4;
         out[k] = d * (float)g[64 + 16 * j + r] * (float)q - dmin * (float)g[192 + 16 * j + r];
       }
       return;

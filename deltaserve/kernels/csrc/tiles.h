@@ -11,7 +11,7 @@ constexpr int64_t GROUP = 16;
 
 // Offsets inside a group's block of the K-quant layouts (packed.h)
 constexpr int64_t q45_quants(int64_t fmt, int c) { return 320 + c * (fmt == Q5_K ? 640 : 512); }  // c's [8 v] vectors
-constexpr int64_t q5_bits(int j) { return 320 + (j / 2) * 640 + 512 + (j % 2) * 64; }  // sub-block j's [8 v] u64
+constexpr int64_t q5_bits(int j) { return 320 + (j / 2) * 640 + 512 + (j % 2) * 64; }  // sub-block j's fifth bits
 constexpr int64_t q6_low(int p) { return 288 + 384 * p; }                             // pair p's [4 v] vectors
 constexpr int64_t q6_high(int s) { return 288 + 384 * (s / 2) + 256 + 64 * (s % 2); }  // sub-block s's high bits
 constexpr int64_t q23_low(int64_t fmt, int s) { return fmt == Q2_K ? 320 + 64 * s : 288 + 96 * s; }  // low 2 bits
@@ -163,10 +163,12 @@ static void tile_q45_k(const uint8_t* g, int64_t K, const ActRow* a, f32x16* out
       for (int h = 0; h < 2; ++h) {
         const int j = 2 * c + h;  // sub-block of 32
         const f32x16 dsc = d * load_u8_as_float(g + 64 + 16 * j), dm = dmin * load_u8_as_float(g + 192 + 16 * j);
+        const u32x16 fifth = FIVE ? loadv<u32x16>(g + q5_bits(j)) : u32x16{};
         u8x64 w[8];
         for (int v = 0; v < 8; ++v) {
-          w[v] = (u8x64)((h ? raw[v] >> 4 : raw[v]) & 0x0F0F0F0Fu);
-          if (FIVE) w[v] |= bits_to<16>(loadv<uint64_t>(g + q5_bits(j) + 8 * v));
+          u32x16 q = (h ? raw[v] >> 4 : raw[v]) & 0x0F0F0F0Fu;
+          if (FIVE) q |= (v <= 4 ? fifth << (4 - v) : fifth >> (v - 4)) & 0x10101010u;  // bit v of a byte to its bit 4
+          w[v] = (u8x64)q;
         }
         const int64_t blk = 8 * sb + j;
         for (int t = 0; t < RT; ++t) {

@@ -9,7 +9,7 @@ enum Fmt : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q2_K = 10, Q3_K = 11,
                     IQ4_NL = 20, IQ4_XS = 23, BF16 = 30, MXFP4 = 39 };  // GGML ids
 constexpr int64_t GROUP = 16;
 
-// Offsets inside a group's block of the K-quant layouts (packed.h)
+// Offsets inside a group's block of the layouts with sub-blocks (block_formats.h)
 constexpr int64_t q45_quants(int64_t fmt, int c) { return 320 + c * (fmt == Q5_K ? 640 : 512); }  // c's [8 v] vectors
 constexpr int64_t q5_bits(int j) { return 320 + (j / 2) * 640 + 512 + (j % 2) * 64; }  // sub-block j's fifth bits
 constexpr int64_t q6_low(int p) { return 288 + 384 * p; }                             // pair p's [4 v] vectors
@@ -137,7 +137,8 @@ static void tile_iq4_xs(const uint8_t* g, int64_t K, const ActRow* a, f32x16* ou
       u8x64 w[8];
       for (int v = 0; v < 4; ++v) {
         const u32x16 l = loadv<u32x16>(g + iq4_quants(j) + 64 * v);
-        w[v] = lookup16(levels, (u8x64)(l & 0x0F0F0F0Fu)), w[v + 4] = lookup16(levels, (u8x64)((l >> 4) & 0x0F0F0F0Fu));
+        w[v] = lookup16(levels, (u8x64)(l & 0x0F0F0F0Fu));
+        w[v + 4] = lookup16(levels, (u8x64)((l >> 4) & 0x0F0F0F0Fu));
       }
       const int64_t blk = 8 * sb + j;
       for (int t = 0; t < RT; ++t) {
